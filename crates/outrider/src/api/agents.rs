@@ -1,0 +1,257 @@
+//! `/v1/agents`: create, list, show, replace and delete agents.
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+
+use super::auth::Org;
+use super::{page_limit, ApiError, ApiResult, AppState, JsonBody, JsonResponse};
+use crate::domain::{new_id, now_ms, rfc3339, Agent, AgentSpec, ModelProvider, ScriptedReply};
+use crate::tools;
+
+/// Bounds on what an agent definition may hold.
+pub const MAX_NAME_CHARS: usize = 200;
+pub const MAX_SYSTEM_CHARS: usize = 100_000;
+pub const MAX_STEPS: u32 = 100;
+pub const DEFAULT_STEPS: u32 = 10;
+pub const MAX_TOKENS: u32 = 32_768;
+pub const MAX_SCRIPT_REPLIES: usize = 1_000;
+
+/// An agent definition as clients send it.
+#[derive(Debug, Deserialize)]
+pub struct AgentRequest {
+    name: Option<String>,
+    model_provider: Option<ModelProvider>,
+    model: Option<String>,
+    system: Option<String>,
+    max_steps: Option<u32>,
+    /// Scout's name for `max_steps`.
+    max_turns: Option<u32>,
+    temperature: Option<f64>,
+    max_tokens: Option<u32>,
+    #[serde(default)]
+    tools: Vec<ToolRef>,
+    #[serde(default)]
+    script: Vec<ScriptedReply>,
+}
+
+/// A tool named by a string or by an object with a `name`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum ToolRef {
+    Name(String),
+    Object { name: String },
+}
+
+impl AgentRequest {
+    /// Checks every field and fills in defaults.
+    fn into_spec(self) -> ApiResult<AgentSpec> {
+        let name = self.name.unwrap_or_else(|| "agent".to_owned());
+        check_length("name", &name, 1, MAX_NAME_CHARS)?;
+        if let Some(system) = &self.system {
+            check_length("system", system, 0, MAX_SYSTEM_CHARS)?;
+        }
+        let provider = self.model_provider.unwrap_or(ModelProvider::Openai);
+        let model = self
+            .model
+            .unwrap_or_else(|| default_model(provider).to_owned());
+        check_length("model", &model, 1, MAX_NAME_CHARS)?;
+
+        let max_steps = match (self.max_steps, self.max_turns) {
+            (Some(steps), Some(turns)) if steps != turns => {
+                return Err(ApiError::field("max_steps", "differs from max_turns"))
+            }
+            (steps, turns) => steps.or(turns).unwrap_or(DEFAULT_STEPS),
+        };
+        if !(1..=MAX_STEPS).contains(&max_steps) {
+            let message = format!("must be from 1 to {MAX_STEPS}");
+            return Err(ApiError::field("max_steps", message));
+        }
+        if let Some(t) = self.temperature {
+            if !(0.0..=2.0).contains(&t) {
+                return Err(ApiError::field("temperature", "must be from 0 to 2"));
+            }
+        }
+        if let Some(tokens) = self.max_tokens {
+            if !(1..=MAX_TOKENS).contains(&tokens) {
+                let message = format!("must be from 1 to {MAX_TOKENS}");
+                return Err(ApiError::field("max_tokens", message));
+            }
+        }
+
+        let tools = self
+            .tools
+            .into_iter()
+            .map(ToolRef::into_name)
+            .collect::<Vec<_>>();
+        check_tools(&tools)?;
+        check_script(provider, &self.script)?;
+        Ok(AgentSpec {
+            name,
+            model_provider: provider,
+            model,
+            system: self.system,
+            max_steps,
+            temperature: self.temperature,
+            max_tokens: self.max_tokens,
+            tools,
+            script: self.script,
+        })
+    }
+}
+
+impl ToolRef {
+    fn into_name(self) -> String {
+        match self {
+            Self::Name(name) | Self::Object { name } => name,
+        }
+    }
+}
+
+fn default_model(provider: ModelProvider) -> &'static str {
+    match provider {
+        ModelProvider::Openai => "gpt-4o-mini",
+        ModelProvider::Scripted => "scripted",
+    }
+}
+
+fn check_length(field: &str, value: &str, min: usize, max: usize) -> ApiResult<()> {
+    let chars = value.chars().count();
+    if value.trim().is_empty() && min > 0 {
+        return Err(ApiError::field(field, "must not be empty"));
+    }
+    if chars > max {
+        return Err(ApiError::field(
+            field,
+            format!("must be at most {max} characters"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_tools(tools: &[String]) -> ApiResult<()> {
+    for (i, name) in tools.iter().enumerate() {
+        if tools::find(name).is_none() {
+            let known = tools::names().join(", ");
+            let message = format!("unknown tool {name:?}; available tools: {known}");
+            return Err(ApiError::field(format!("tools[{i}]"), message));
+        }
+        if tools[..i].contains(name) {
+            return Err(ApiError::field(format!("tools[{i}]"), "listed twice"));
+        }
+    }
+    Ok(())
+}
+
+fn check_script(provider: ModelProvider, script: &[ScriptedReply]) -> ApiResult<()> {
+    match provider {
+        ModelProvider::Scripted if script.is_empty() => Err(ApiError::field(
+            "script",
+            "a scripted agent needs at least one reply",
+        )),
+        ModelProvider::Scripted if script.len() > MAX_SCRIPT_REPLIES => Err(ApiError::field(
+            "script",
+            format!("must hold at most {MAX_SCRIPT_REPLIES} replies"),
+        )),
+        ModelProvider::Scripted => {
+            for (i, reply) in script.iter().enumerate() {
+                if reply.content.is_none() && reply.tool_calls.is_empty() {
+                    let message = "needs content, tool_calls or both";
+                    return Err(ApiError::field(format!("script[{i}]"), message));
+                }
+            }
+            Ok(())
+        }
+        _ if !script.is_empty() => Err(ApiError::field(
+            "script",
+            "only agents with model_provider \"scripted\" take a script",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The JSON shape of an agent in responses.
+pub fn agent_json(agent: &Agent) -> Value {
+    let mut body = serde_json::to_value(&agent.spec).expect("agent specs serialise");
+    body["id"] = json!(agent.id);
+    body["max_turns"] = json!(agent.spec.max_steps);
+    body["created_at"] = json!(rfc3339(agent.created_at));
+    body["updated_at"] = json!(rfc3339(agent.updated_at));
+    body
+}
+
+pub async fn create(
+    State(state): State<AppState>,
+    org: Org,
+    JsonBody(request): JsonBody<AgentRequest>,
+) -> ApiResult<JsonResponse> {
+    let spec = request.into_spec()?;
+    let now = now_ms();
+    let agent = Agent {
+        id: new_id(),
+        org_id: org.id,
+        spec,
+        created_at: now,
+        updated_at: now,
+    };
+    state.store.insert_agent(&agent).await?;
+    tracing::info!(agent.id = %agent.id, org.id = %agent.org_id, "agent created");
+    Ok((StatusCode::CREATED, Json(agent_json(&agent))))
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    org: Org,
+    Query(query): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    let limit = page_limit(query.get("limit").map(String::as_str), 100, 1000)?;
+    let after = query.get("after").map(String::as_str);
+    let agents = state.store.agents(&org.id, after, limit).await?;
+
+    let next = (agents.len() == limit as usize).then(|| agents.last().map(|a| a.id.clone()));
+    let agents: Vec<Value> = agents.iter().map(agent_json).collect();
+    Ok(Json(
+        json!({ "agents": agents, "next_cursor": next.flatten() }),
+    ))
+}
+
+pub async fn show(
+    State(state): State<AppState>,
+    org: Org,
+    Path(agent_id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let agent = state.store.agent(&org.id, &agent_id).await?;
+    let agent = agent.ok_or(ApiError::NotFound("agent"))?;
+    Ok(Json(agent_json(&agent)))
+}
+
+pub async fn replace(
+    State(state): State<AppState>,
+    org: Org,
+    Path(agent_id): Path<String>,
+    JsonBody(request): JsonBody<AgentRequest>,
+) -> ApiResult<Json<Value>> {
+    let existing = state.store.agent(&org.id, &agent_id).await?;
+    let mut agent = existing.ok_or(ApiError::NotFound("agent"))?;
+    agent.spec = request.into_spec()?;
+    agent.updated_at = now_ms();
+    if !state.store.update_agent(&agent).await? {
+        return Err(ApiError::NotFound("agent"));
+    }
+    Ok(Json(agent_json(&agent)))
+}
+
+pub async fn delete(
+    State(state): State<AppState>,
+    org: Org,
+    Path(agent_id): Path<String>,
+) -> ApiResult<StatusCode> {
+    if state.store.delete_agent(&org.id, &agent_id).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::NotFound("agent"))
+    }
+}

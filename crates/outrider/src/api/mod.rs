@@ -1,0 +1,134 @@
+//! The HTTP API: routes, authentication, request parsing and JSON errors.
+//!
+//! Handlers parse requests into domain types, call the store, and shape the
+//! response; they never touch SQL.
+
+mod agents;
+mod auth;
+mod error;
+mod sessions;
+
+pub use auth::{generate_signing_secret, hash_key_secret, ApiKeyParts};
+pub use error::{ApiError, ApiResult};
+
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, Request};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{broadcast, Notify};
+
+use crate::delivery::guard::Guard;
+use crate::store::DynStore;
+
+/// The largest request body accepted, in bytes.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: DynStore,
+    pub guard: Guard,
+    /// Base of every `events_url`, without a trailing slash.
+    pub public_url: String,
+    /// How long a call without `callback_url` waits for the result.
+    pub sync_timeout: Duration,
+    /// Wakes the workers when a session is queued.
+    pub work_ready: Arc<Notify>,
+    /// Announces sessions that reached a terminal state in this process.
+    pub finished: broadcast::Sender<String>,
+    /// Callback deadline, used when a queued session is cancelled.
+    pub callback_deadline: Duration,
+}
+
+impl AppState {
+    /// The URL a client reads a session's events from.
+    pub fn events_url(&self, session_id: &str) -> String {
+        format!("{}/v1/agent-sessions/{session_id}/events", self.public_url)
+    }
+}
+
+/// All routes, with the body limit and JSON fallbacks.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/v1/agents", post(agents::create).get(agents::list))
+        .route(
+            "/v1/agents/{agent_id}",
+            get(agents::show)
+                .put(agents::replace)
+                .delete(agents::delete),
+        )
+        .route("/v1/agents/{agent_id}/interact", post(sessions::interact))
+        .route("/v1/agent-sessions/{session_id}", get(sessions::show))
+        .route(
+            "/v1/agent-sessions/{session_id}/events",
+            get(sessions::events),
+        )
+        .route(
+            "/v1/agent-sessions/{session_id}/cancel",
+            post(sessions::cancel),
+        )
+        .fallback(|| async { ApiError::NotFound("route") })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// A JSON request body, parsed with errors that name the offending field.
+///
+/// The `Content-Type` is not insisted on: a body that parses is accepted.
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = axum::body::Bytes::from_request(request, state)
+            .await
+            .map_err(body_error)?;
+        if bytes.is_empty() {
+            return Err(ApiError::InvalidJson("the body is empty".into()));
+        }
+        let mut json = serde_json::Deserializer::from_slice(&bytes);
+        let value = serde_path_to_error::deserialize(&mut json).map_err(|error| {
+            let path = error.path().to_string();
+            let inner = error.into_inner();
+            if inner.is_syntax() || inner.is_eof() || path == "." {
+                ApiError::InvalidJson(inner.to_string())
+            } else {
+                ApiError::field(path, inner.to_string())
+            }
+        })?;
+        Ok(Self(value))
+    }
+}
+
+fn body_error(rejection: BytesRejection) -> ApiError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::PayloadTooLarge {
+            limit: MAX_BODY_BYTES,
+        }
+    } else {
+        ApiError::InvalidJson(rejection.body_text())
+    }
+}
+
+/// Reads a `limit` query value: default when absent, 1..=max when present.
+pub fn page_limit(raw: Option<&str>, default: u32, max: u32) -> ApiResult<u32> {
+    let Some(raw) = raw else {
+        return Ok(default);
+    };
+    match raw.parse::<u32>() {
+        Ok(limit) if (1..=max).contains(&limit) => Ok(limit),
+        _ => Err(ApiError::field(
+            "limit",
+            format!("must be an integer from 1 to {max}"),
+        )),
+    }
+}
+
+/// A JSON response with a status.
+pub type JsonResponse = (StatusCode, Json<serde_json::Value>);

@@ -1,0 +1,338 @@
+//! Interactions and sessions: start one, read it, page its events, cancel it.
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::time::Duration;
+
+use super::auth::Org;
+use super::{page_limit, ApiError, ApiResult, AppState, JsonBody, JsonResponse};
+use crate::domain::{new_id, now_ms, rfc3339, Event, InputMessage, Role, Session, SessionStatus};
+use crate::store::{CancelResult, Created, DeliveryState, NewSession, Outcome};
+use crate::worker;
+
+/// Bounds on an interaction request.
+pub const MAX_MESSAGE_CHARS: usize = 100_000;
+pub const MAX_MESSAGES: usize = 100;
+pub const MAX_METADATA_BYTES: usize = 16 * 1024;
+pub const MAX_CALLBACK_URL_CHARS: usize = 2048;
+pub const MAX_IDEMPOTENCY_KEY_CHARS: usize = 255;
+
+/// `POST /v1/agents/{id}/interact` as clients send it.
+#[derive(Debug, Deserialize)]
+pub struct InteractRequest {
+    message: Option<String>,
+    messages: Option<Vec<RawMessage>>,
+    callback_url: Option<String>,
+    metadata: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawMessage {
+    role: Role,
+    content: String,
+}
+
+/// An interaction request after every check.
+struct Interaction {
+    input: Vec<InputMessage>,
+    callback_url: Option<String>,
+    metadata: Option<Value>,
+}
+
+impl InteractRequest {
+    fn parse(self, state: &AppState) -> ApiResult<Interaction> {
+        let input = match (self.message, self.messages) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::field(
+                    "messages",
+                    "send either message or messages",
+                ))
+            }
+            (None, None) => return Err(ApiError::field("message", "is required")),
+            (Some(text), None) => {
+                check_content("message", &text)?;
+                vec![InputMessage {
+                    role: Role::User,
+                    content: text,
+                }]
+            }
+            (None, Some(list)) => parse_messages(list)?,
+        };
+
+        let callback_url = self
+            .callback_url
+            .map(|raw| check_callback(state, &raw))
+            .transpose()?;
+        if let Some(metadata) = &self.metadata {
+            check_metadata(metadata)?;
+        }
+        Ok(Interaction {
+            input,
+            callback_url,
+            metadata: self.metadata,
+        })
+    }
+}
+
+fn check_content(field: &str, text: &str) -> ApiResult<()> {
+    if text.trim().is_empty() {
+        return Err(ApiError::field(field, "must not be empty"));
+    }
+    if text.chars().count() > MAX_MESSAGE_CHARS {
+        let message = format!("must be at most {MAX_MESSAGE_CHARS} characters");
+        return Err(ApiError::field(field, message));
+    }
+    Ok(())
+}
+
+fn parse_messages(list: Vec<RawMessage>) -> ApiResult<Vec<InputMessage>> {
+    if list.is_empty() {
+        return Err(ApiError::field("messages", "must not be empty"));
+    }
+    if list.len() > MAX_MESSAGES {
+        let message = format!("must hold at most {MAX_MESSAGES} messages");
+        return Err(ApiError::field("messages", message));
+    }
+    list.into_iter()
+        .enumerate()
+        .map(|(i, raw)| {
+            check_content(&format!("messages[{i}].content"), &raw.content)?;
+            Ok(InputMessage {
+                role: raw.role,
+                content: raw.content,
+            })
+        })
+        .collect()
+}
+
+fn check_callback(state: &AppState, raw: &str) -> ApiResult<String> {
+    if raw.len() > MAX_CALLBACK_URL_CHARS {
+        let message = format!("must be at most {MAX_CALLBACK_URL_CHARS} characters");
+        return Err(ApiError::field("callback_url", message));
+    }
+    match state.guard.check_url(raw) {
+        Ok(url) => Ok(url.as_str().to_owned()),
+        Err(error) => Err(ApiError::field("callback_url", error.to_string())),
+    }
+}
+
+fn check_metadata(metadata: &Value) -> ApiResult<()> {
+    if !metadata.is_object() {
+        return Err(ApiError::field("metadata", "must be a JSON object"));
+    }
+    let size = serde_json::to_vec(metadata).map_or(usize::MAX, |bytes| bytes.len());
+    if size > MAX_METADATA_BYTES {
+        let message = format!("must be at most {MAX_METADATA_BYTES} bytes as JSON");
+        return Err(ApiError::field("metadata", message));
+    }
+    Ok(())
+}
+
+fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = value.to_str().unwrap_or_default();
+    let printable = key.bytes().all(|b| b.is_ascii_graphic() || b == b' ');
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_CHARS || !printable {
+        let message =
+            format!("must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} printable ASCII characters");
+        return Err(ApiError::field("Idempotency-Key", message));
+    }
+    Ok(Some(key.to_owned()))
+}
+
+pub async fn interact(
+    State(state): State<AppState>,
+    org: Org,
+    Path(agent_id): Path<String>,
+    headers: HeaderMap,
+    JsonBody(request): JsonBody<InteractRequest>,
+) -> ApiResult<JsonResponse> {
+    let interaction = request.parse(&state)?;
+    let idempotency_key = idempotency_key(&headers)?;
+    let agent = state.store.agent(&org.id, &agent_id).await?;
+    let agent = agent.ok_or(ApiError::NotFound("agent"))?;
+
+    let is_async = interaction.callback_url.is_some();
+    let new = NewSession {
+        id: new_id(),
+        org_id: org.id.clone(),
+        agent,
+        input: interaction.input,
+        metadata: interaction.metadata,
+        callback_url: interaction.callback_url,
+        idempotency_key,
+        created_at: now_ms(),
+    };
+    let session_id = match state.store.create_session(new).await? {
+        Created::New(id) => {
+            state.work_ready.notify_one();
+            tracing::info!(session.id = %id, agent.id = %agent_id, "session queued");
+            id
+        }
+        Created::Existing(id) => id,
+    };
+
+    if is_async {
+        let body = json!({
+            "session_id": session_id,
+            "events_url": state.events_url(&session_id),
+            "status": "queued",
+        });
+        return Ok((StatusCode::ACCEPTED, Json(body)));
+    }
+    let session = wait_for_end(&state, &org.id, &session_id).await?;
+    Ok((StatusCode::OK, Json(result_json(&state, &session))))
+}
+
+/// Waits until the session ends or the sync timeout passes, whichever first.
+async fn wait_for_end(state: &AppState, org_id: &str, session_id: &str) -> ApiResult<Session> {
+    let mut finished = state.finished.subscribe();
+    let deadline = tokio::time::Instant::now() + state.sync_timeout;
+    loop {
+        let session = state.store.session(org_id, session_id).await?;
+        let session = session.ok_or(ApiError::NotFound("session"))?;
+        if session.status.is_terminal() || tokio::time::Instant::now() >= deadline {
+            return Ok(session);
+        }
+
+        // Another process may run the session, so the store is asked again
+        // at least every second even without a local announcement.
+        let wake = tokio::time::Instant::now() + Duration::from_secs(1);
+        let until = wake.min(deadline);
+        let _ = tokio::time::timeout_at(until, async {
+            while let Ok(id) = finished.recv().await {
+                if id == session_id {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+}
+
+fn result_json(state: &AppState, session: &Session) -> Value {
+    json!({
+        "session_id": session.id,
+        "status": session.status,
+        "output": session.output,
+        "error": session.error,
+        "events_url": state.events_url(&session.id),
+    })
+}
+
+pub async fn show(
+    State(state): State<AppState>,
+    org: Org,
+    Path(session_id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let session = state.store.session(&org.id, &session_id).await?;
+    let session = session.ok_or(ApiError::NotFound("session"))?;
+    let delivery = state.store.delivery_for_session(&session.id).await?;
+
+    let mut body = result_json(&state, &session);
+    body["id"] = json!(session.id);
+    body["agent_id"] = json!(session.agent_id);
+    body["metadata"] = json!(session.metadata);
+    body["created_at"] = json!(rfc3339(session.created_at));
+    body["started_at"] = json!(session.started_at.map(rfc3339));
+    body["completed_at"] = json!(session.completed_at.map(rfc3339));
+    body["callback_url"] = json!(session.callback_url);
+    body["callback"] = delivery.as_ref().map_or(Value::Null, delivery_json);
+    Ok(Json(body))
+}
+
+fn delivery_json(delivery: &DeliveryState) -> Value {
+    json!({
+        "callback_event_id": delivery.id,
+        "url": delivery.url,
+        "status": delivery.status,
+        "attempts": delivery.attempts,
+        "next_attempt_at": delivery.next_attempt_at.map(rfc3339),
+        "last_status_code": delivery.last_status_code,
+        "last_error": delivery.last_error,
+        "created_at": rfc3339(delivery.created_at),
+        "completed_at": delivery.completed_at.map(rfc3339),
+    })
+}
+
+pub async fn events(
+    State(state): State<AppState>,
+    org: Org,
+    Path(session_id): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    let limit = page_limit(query.get("limit").map(String::as_str), 100, 1000)?;
+    let after = match query.get("after") {
+        None => 0,
+        Some(raw) => raw
+            .parse::<i64>()
+            .ok()
+            .filter(|after| *after >= 0)
+            .ok_or_else(|| ApiError::field("after", "must be a non-negative integer"))?,
+    };
+    if state.store.session(&org.id, &session_id).await?.is_none() {
+        return Err(ApiError::NotFound("session"));
+    }
+
+    // One extra row says whether another page follows.
+    let mut events = state.store.events(&session_id, after, limit + 1).await?;
+    let more = events.len() > limit as usize;
+    events.truncate(limit as usize);
+    let next_cursor = more.then(|| events.last().map(|e| e.seq)).flatten();
+    let events: Vec<Value> = events.iter().map(event_json).collect();
+    Ok(Json(
+        json!({ "events": events, "next_cursor": next_cursor }),
+    ))
+}
+
+fn event_json(event: &Event) -> Value {
+    json!({
+        "seq": event.seq,
+        "type": event.kind,
+        "created_at": rfc3339(event.created_at),
+        "data": event.data,
+    })
+}
+
+pub async fn cancel(
+    State(state): State<AppState>,
+    org: Org,
+    Path(session_id): Path<String>,
+) -> ApiResult<JsonResponse> {
+    let session = state.store.session(&org.id, &session_id).await?;
+    let session = session.ok_or(ApiError::NotFound("session"))?;
+    let events_url = state.events_url(&session.id);
+    let finish = worker::finish(
+        &session,
+        Outcome::Cancelled,
+        events_url,
+        state.callback_deadline,
+    );
+
+    let result = state
+        .store
+        .cancel_session(&org.id, &session_id, finish)
+        .await?;
+    let status = match result {
+        CancelResult::NotFound => return Err(ApiError::NotFound("session")),
+        CancelResult::AlreadyEnded => {
+            return Err(ApiError::Conflict(format!(
+                "session already {}",
+                session.status.as_str()
+            )))
+        }
+        CancelResult::Cancelled => {
+            let _ = state.finished.send(session.id.clone());
+            SessionStatus::Cancelled
+        }
+        CancelResult::Requested => SessionStatus::Running,
+    };
+    let body = json!({ "session_id": session.id, "status": status, "cancel_requested": true });
+    Ok((StatusCode::ACCEPTED, Json(body)))
+}

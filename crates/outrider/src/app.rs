@@ -1,0 +1,148 @@
+//! Builds the whole server from its settings, in one place, so `main`, tests
+//! and benchmarks start it the same way.
+
+use anyhow::Context;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, watch, Notify};
+use tokio::task::JoinHandle;
+
+use crate::api::{self, AppState};
+use crate::config::ServeConfig;
+use crate::delivery::client::{tls_config, CallbackClient};
+use crate::delivery::guard::Guard;
+use crate::delivery::policy::RetryPolicy;
+use crate::delivery::Dispatcher;
+use crate::domain::new_id;
+use crate::providers::{OpenAi, Providers, Scripted};
+use crate::runtime::Runtime;
+use crate::store;
+use crate::worker::{WorkerConfig, Workers};
+
+/// A server bound to its port, with its background work ready to start.
+pub struct Application {
+    listener: TcpListener,
+    router: axum::Router,
+    workers: Option<Arc<Workers>>,
+    dispatcher: Arc<Dispatcher>,
+}
+
+impl Application {
+    /// Opens the store, binds the listener and wires every part together.
+    pub async fn build(config: ServeConfig) -> anyhow::Result<Self> {
+        let store = store::open(&config.database.database_url)
+            .await
+            .with_context(|| format!("opening database {}", config.database.database_url))?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("listening on {}", config.listen))?;
+        let address = listener.local_addr()?;
+        let public_url = config
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{address}"));
+
+        let owner = format!("{}-{}", std::process::id(), new_id());
+        let guard = Guard::new(config.callback_allow.clone());
+        let work_ready = Arc::new(Notify::new());
+        let delivery_ready = Arc::new(Notify::new());
+        let (finished, _) = broadcast::channel(1024);
+
+        let tls = tls_config(config.callback_ca_file.as_deref())?;
+        let client = CallbackClient::new(guard.clone(), config.callback_timeout, tls)?;
+        let dispatcher = Arc::new(Dispatcher {
+            store: store.clone(),
+            client,
+            policy: RetryPolicy::new(config.retry_schedule.clone()),
+            owner: owner.clone(),
+            concurrency: usize::from(config.delivery_concurrency),
+            lease: config.callback_timeout + std::time::Duration::from_secs(30),
+            ready: delivery_ready.clone(),
+        });
+
+        let workers = (config.workers > 0)
+            .then(|| -> anyhow::Result<_> {
+                let providers = providers(&config)?;
+                Ok(Arc::new(Workers {
+                    store: store.clone(),
+                    runtime: Arc::new(Runtime::new(providers)),
+                    config: WorkerConfig {
+                        concurrency: config.workers,
+                        lease: config.lease,
+                        poll: std::time::Duration::from_secs(1),
+                        public_url: public_url.clone(),
+                        callback_deadline: config.callback_deadline,
+                    },
+                    owner,
+                    work_ready: work_ready.clone(),
+                    delivery_ready,
+                    finished: finished.clone(),
+                }))
+            })
+            .transpose()?;
+
+        let state = AppState {
+            store,
+            guard,
+            public_url,
+            sync_timeout: config.sync_timeout,
+            work_ready,
+            finished,
+            callback_deadline: config.callback_deadline,
+        };
+        Ok(Self {
+            listener,
+            router: api::router(state),
+            workers,
+            dispatcher,
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn address(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Serves until `shutdown` resolves, then stops claiming new work.
+    ///
+    /// Sessions and attempts still running when the process exits keep their
+    /// leases until they lapse, and are then taken over.
+    pub async fn run_until(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let (stop, stopped) = watch::channel(false);
+        let mut background: Vec<JoinHandle<()>> = Vec::new();
+        if let Some(workers) = self.workers {
+            background.push(tokio::spawn(workers.run(stopped.clone())));
+        }
+        background.push(tokio::spawn(self.dispatcher.run(stopped.clone())));
+
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .context("serving HTTP")?;
+        let _ = stop.send(true);
+        for task in background {
+            let _ = task.await;
+        }
+        Ok(())
+    }
+}
+
+fn providers(config: &ServeConfig) -> anyhow::Result<Providers> {
+    let tls = tls_config(None)?;
+    let openai = OpenAi::new(
+        &config.openai_base_url,
+        config.openai_api_key.clone(),
+        config.model_timeout,
+        tls,
+    )?;
+    Ok(Providers {
+        openai: Arc::new(openai),
+        scripted: Arc::new(Scripted),
+    })
+}

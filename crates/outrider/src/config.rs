@@ -1,0 +1,156 @@
+//! Every setting, in one place: each is a flag of `outrider serve` and an
+//! `OUTRIDER_*` environment variable, with its default here.
+//!
+//! A bad value stops start-up with a message naming the flag.
+
+use clap::Args;
+use ipnet::IpNet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::delivery::policy::DEFAULT_SCHEDULE;
+
+/// Settings shared by every subcommand that opens the database.
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseConfig {
+    /// Database URL; `sqlite://<path>` creates the file if missing.
+    #[arg(
+        long,
+        env = "OUTRIDER_DATABASE_URL",
+        default_value = "sqlite://outrider.db"
+    )]
+    pub database_url: String,
+}
+
+/// Settings of `outrider serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeConfig {
+    #[command(flatten)]
+    pub database: DatabaseConfig,
+
+    /// Address to listen on; port 0 picks a free port.
+    #[arg(long, env = "OUTRIDER_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Base URL clients reach this server at, used in `events_url`
+    /// [default: http://<listen address>].
+    #[arg(long, env = "OUTRIDER_PUBLIC_URL", value_parser = parse_public_url)]
+    pub public_url: Option<String>,
+
+    /// Comma-separated address ranges (CIDR or single IP) that callbacks may
+    /// reach although they are not public.
+    #[arg(long, env = "OUTRIDER_CALLBACK_ALLOW", value_delimiter = ',', value_parser = parse_net)]
+    pub callback_allow: Vec<IpNet>,
+
+    /// PEM file of extra root certificates trusted for callback TLS.
+    #[arg(long, env = "OUTRIDER_CALLBACK_CA_FILE")]
+    pub callback_ca_file: Option<PathBuf>,
+
+    /// Comma-separated waits before each callback retry.
+    #[arg(long, env = "OUTRIDER_RETRY_SCHEDULE", default_value = DEFAULT_SCHEDULE,
+          value_delimiter = ',', value_parser = parse_duration)]
+    pub retry_schedule: Vec<Duration>,
+
+    /// Budget for one callback attempt: connect, TLS, headers and body.
+    #[arg(long, env = "OUTRIDER_CALLBACK_TIMEOUT", default_value = "10s",
+          value_parser = parse_duration)]
+    pub callback_timeout: Duration,
+
+    /// How long after a session ends its callback is still retried.
+    #[arg(long, env = "OUTRIDER_CALLBACK_DEADLINE", default_value = "24h",
+          value_parser = parse_duration)]
+    pub callback_deadline: Duration,
+
+    /// Callback attempts in flight at once in this process.
+    #[arg(long, env = "OUTRIDER_DELIVERY_CONCURRENCY", default_value_t = 64,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub delivery_concurrency: u16,
+
+    /// Base URL of an OpenAI-compatible chat-completions API.
+    #[arg(long, env = "OUTRIDER_OPENAI_BASE_URL", default_value = "https://api.openai.com/v1",
+          value_parser = parse_public_url)]
+    pub openai_base_url: String,
+
+    /// API key for the OpenAI-compatible endpoint (environment only).
+    #[arg(skip = std::env::var("OUTRIDER_OPENAI_API_KEY").ok().filter(|k| !k.is_empty()))]
+    pub openai_api_key: Option<String>,
+
+    /// Budget for one model call.
+    #[arg(long, env = "OUTRIDER_MODEL_TIMEOUT", default_value = "120s",
+          value_parser = parse_duration)]
+    pub model_timeout: Duration,
+
+    /// Sessions run at once in this process; 0 runs no agents (API only).
+    #[arg(long, env = "OUTRIDER_WORKERS", default_value_t = 8)]
+    pub workers: usize,
+
+    /// How long a claimed session stays claimed without renewal; a crashed
+    /// worker's sessions are taken over after this.
+    #[arg(long, env = "OUTRIDER_LEASE", default_value = "30s", value_parser = parse_lease)]
+    pub lease: Duration,
+
+    /// How long an interaction without `callback_url` waits for its result.
+    #[arg(long, env = "OUTRIDER_SYNC_TIMEOUT", default_value = "60s",
+          value_parser = parse_duration)]
+    pub sync_timeout: Duration,
+}
+
+fn parse_duration(raw: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(raw.trim()).map_err(|e| format!("{raw:?}: {e}"))?;
+    if duration.is_zero() {
+        return Err(format!("{raw:?}: must be more than zero"));
+    }
+    Ok(duration)
+}
+
+fn parse_lease(raw: &str) -> Result<Duration, String> {
+    let lease = parse_duration(raw)?;
+    if lease < Duration::from_secs(1) {
+        return Err(format!("{raw:?}: must be at least 1s"));
+    }
+    Ok(lease)
+}
+
+fn parse_net(raw: &str) -> Result<IpNet, String> {
+    let raw = raw.trim();
+    if let Ok(net) = raw.parse::<IpNet>() {
+        return Ok(net.trunc());
+    }
+    raw.parse::<IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| format!("{raw:?} is neither a CIDR range nor an IP address"))
+}
+
+fn parse_public_url(raw: &str) -> Result<String, String> {
+    let url = url::Url::parse(raw).map_err(|e| format!("{raw:?}: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err(format!("{raw:?}: must be an http or https URL"));
+    }
+    Ok(raw.trim_end_matches('/').to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_human_units() {
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn allow_list_entries_are_ranges_or_addresses() {
+        assert_eq!(
+            parse_net("127.0.0.0/8").map(|n| n.to_string()),
+            Ok("127.0.0.0/8".into())
+        );
+        assert_eq!(
+            parse_net("::1").map(|n| n.to_string()),
+            Ok("::1/128".into())
+        );
+        assert!(parse_net("localhost").is_err());
+    }
+}

@@ -1,0 +1,172 @@
+//! Callback delivery: the outbox dispatcher, retry policy, URL guard and
+//! signed attempts.
+//!
+//! A finished session leaves a delivery row (the outbox). The dispatcher
+//! claims due rows with a lease, makes one attempt each, and records the
+//! attempt together with the delivery's next step in one transaction. A
+//! dispatcher killed mid-attempt leaves its lease to lapse; the delivery is
+//! then attempted again, so receivers see each callback at least once and
+//! deduplicate on `callback_event_id`.
+
+pub mod client;
+pub mod guard;
+pub mod policy;
+
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{watch, Notify, Semaphore};
+use tracing::Instrument;
+
+use crate::domain::now_ms;
+use crate::store::{AttemptRecord, Delivery, DynStore, NextStep};
+use client::{AttemptResult, CallbackClient};
+use policy::{RetryPolicy, Verdict};
+
+/// The longest the dispatcher sleeps without looking at the store.
+const MAX_IDLE: Duration = Duration::from_secs(1);
+
+/// Claims due deliveries and attempts them.
+pub struct Dispatcher {
+    pub store: DynStore,
+    pub client: CallbackClient,
+    pub policy: RetryPolicy,
+    pub owner: String,
+    /// How many attempts run at once in this process.
+    pub concurrency: usize,
+    /// A claim outlives the attempt budget by a margin.
+    pub lease: Duration,
+    pub ready: Arc<Notify>,
+}
+
+impl Dispatcher {
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let permits = Arc::new(Semaphore::new(self.concurrency));
+        while !*shutdown.borrow() {
+            let free = permits.available_permits().min(256) as u32;
+            let claimed = if free == 0 {
+                Vec::new()
+            } else {
+                let lease_ms = self.lease.as_millis() as i64;
+                match self
+                    .store
+                    .claim_deliveries(&self.owner, lease_ms, free)
+                    .await
+                {
+                    Ok(claimed) => claimed,
+                    Err(error) => {
+                        tracing::error!(error = %error, "claiming deliveries failed");
+                        Vec::new()
+                    }
+                }
+            };
+            let full = claimed.len() as u32 == free && free > 0;
+            for delivery in claimed {
+                let permit = permits.clone().acquire_owned().await.expect("never closed");
+                let dispatcher = self.clone();
+                let span = tracing::info_span!(
+                    "delivery",
+                    delivery.id = %delivery.id,
+                    session.id = %delivery.session_id,
+                );
+                tokio::spawn(
+                    async move {
+                        dispatcher.attempt(delivery).await;
+                        drop(permit);
+                    }
+                    .instrument(span),
+                );
+            }
+            if !full {
+                self.idle(&permits, &mut shutdown).await;
+            }
+        }
+    }
+
+    /// Sleeps until the next delivery falls due, a new one is ready, or at
+    /// most a second.
+    async fn idle(&self, permits: &Semaphore, shutdown: &mut watch::Receiver<bool>) {
+        let wait = if permits.available_permits() == 0 {
+            Duration::from_millis(20)
+        } else {
+            match self.store.next_delivery_due().await {
+                Ok(Some(due)) => Duration::from_millis((due - now_ms()).clamp(0, 1000) as u64),
+                _ => MAX_IDLE,
+            }
+        };
+        if wait.is_zero() {
+            // Due but not claimable: leased by an attempt still running.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            return;
+        }
+        tokio::select! {
+            _ = self.ready.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+
+    /// One attempt, recorded with the delivery's next step.
+    async fn attempt(&self, delivery: Delivery) {
+        let started_at = now_ms();
+        let result = match self.store.signing_secrets(&delivery.org_id).await {
+            Ok(secrets) => {
+                self.client
+                    .send(&delivery.url, &delivery.body, &secrets)
+                    .await
+            }
+            Err(error) => {
+                tracing::error!(error = %error, "reading signing secrets failed");
+                return;
+            }
+        };
+
+        let attempts = delivery.attempts + 1;
+        let verdict = verdict(&result);
+        let next = self
+            .policy
+            .next_step(attempts, verdict, now_ms(), delivery.deadline_at);
+        log_attempt(&result, attempts, next);
+
+        let record = AttemptRecord {
+            started_at,
+            duration_ms: result.duration.as_millis() as i64,
+            status_code: result.status,
+            error_kind: result.error_kind.map(str::to_owned),
+            error_message: result.error_message,
+        };
+        if let Err(error) = self
+            .store
+            .record_attempt(&delivery.id, &self.owner, record, next)
+            .await
+        {
+            tracing::error!(error = %error, "recording the attempt failed");
+        }
+    }
+}
+
+fn verdict(result: &AttemptResult) -> Verdict {
+    match result.status {
+        Some(status) => Verdict::from_status(status, result.retry_after.as_deref()),
+        None if result.refused() => Verdict::GiveUp,
+        None => Verdict::Retry { after: None },
+    }
+}
+
+fn log_attempt(result: &AttemptResult, attempt: u32, next: NextStep) {
+    let status = result.status;
+    let error = result.error_message.as_deref();
+    match next {
+        NextStep::Succeeded => tracing::info!(attempt, ?status, "callback delivered"),
+        NextStep::RetryAt(at) => {
+            let in_ms = at - now_ms();
+            tracing::warn!(
+                attempt,
+                ?status,
+                ?error,
+                retry_in_ms = in_ms,
+                "callback attempt failed"
+            )
+        }
+        NextStep::Failed => tracing::error!(attempt, ?status, ?error, "callback delivery failed"),
+    }
+}

@@ -1,0 +1,30 @@
+//! Outrider runs AI agents on request and reports back with signed callbacks.
+//!
+//! The modules, and what each owns:
+//!
+//! - [`cli`] and [`config`]: subcommands, flags and `OUTRIDER_*` settings.
+//! - [`app`]: builds the server from its settings (store, API, workers,
+//!   dispatcher) in one place.
+//! - [`api`]: HTTP routes, authentication, request parsing, JSON errors.
+//! - [`store`]: schema, migrations and every query, behind one trait.
+//! - [`worker`]: claims sessions with leases and finishes them.
+//! - [`runtime`]: the agent loop of model calls and tool calls.
+//! - [`providers`]: model back ends (OpenAI-compatible, scripted).
+//! - [`tools`]: the built-in tools agents may use.
+//! - [`delivery`]: the callback outbox, retry policy, URL guard and signing.
+//! - [`domain`]: the types all of them share.
+//!
+//! Signatures themselves live in the `outrider-signature` crate, which
+//! receivers can embed.
+
+pub mod api;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod delivery;
+pub mod domain;
+pub mod providers;
+pub mod runtime;
+pub mod store;
+pub mod tools;
+pub mod worker;

@@ -1,0 +1,237 @@
+//! Durable state: organisations, keys, agents, sessions, events and callback
+//! deliveries, behind one [`Store`] trait.
+//!
+//! Every transition the server answers for is a committed row, so a killed
+//! process loses nothing. Work is claimed with leases: a claim records an owner
+//! and an expiry, and a lease that lapses lets another worker take over.
+//! SQLite is the embedded engine; a second engine implements the same trait.
+
+mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+use crate::domain::{Agent, Event, EventKind, InputMessage, Millis, Session, SessionError};
+use async_trait::async_trait;
+use serde_json::Value;
+use std::sync::Arc;
+
+/// What the store can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The worker's lease on a session or delivery is gone: another took over.
+    #[error("lease lost")]
+    LeaseLost,
+    #[error("unsupported database url: {0}")]
+    UnsupportedUrl(String),
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    #[error(transparent)]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+    #[error("store is shutting down")]
+    Closed,
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A shared handle to whichever engine is configured.
+pub type DynStore = Arc<dyn Store>;
+
+/// Opens the store named by a database URL and applies migrations.
+pub async fn open(url: &str) -> Result<DynStore> {
+    if url.starts_with("sqlite:") {
+        Ok(Arc::new(SqliteStore::open(url).await?))
+    } else {
+        Err(StoreError::UnsupportedUrl(url.to_owned()))
+    }
+}
+
+/// A new organisation with its first API key.
+#[derive(Debug, Clone)]
+pub struct NewOrg {
+    pub id: String,
+    pub name: String,
+    pub signing_secret: String,
+    pub key_id: String,
+    pub key_hash: Vec<u8>,
+}
+
+/// A stored API key: which organisation it belongs to and its hash.
+#[derive(Debug, Clone)]
+pub struct ApiKey {
+    pub org_id: String,
+    pub key_hash: Vec<u8>,
+}
+
+/// A session to create, with the first event and an optional idempotency key.
+#[derive(Debug, Clone)]
+pub struct NewSession {
+    pub id: String,
+    pub org_id: String,
+    pub agent: Agent,
+    pub input: Vec<InputMessage>,
+    pub metadata: Option<Value>,
+    pub callback_url: Option<String>,
+    pub idempotency_key: Option<String>,
+    pub created_at: Millis,
+}
+
+/// The answer to [`Store::create_session`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Created {
+    /// A new session was committed.
+    New(String),
+    /// The idempotency key was seen before: this is the first session.
+    Existing(String),
+}
+
+/// How a session ended.
+#[derive(Debug, Clone)]
+pub struct Finish {
+    pub session_id: String,
+    pub outcome: Outcome,
+    pub completed_at: Millis,
+    /// The `session_end` event's data.
+    pub end_event: Value,
+    /// The callback to send, if the session has a callback URL.
+    pub delivery: Option<NewDelivery>,
+}
+
+/// The terminal state a session reaches.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Succeeded { output: String },
+    Failed(SessionError),
+    Cancelled,
+}
+
+/// A callback to deliver: the body bytes are fixed here, once.
+#[derive(Debug, Clone)]
+pub struct NewDelivery {
+    pub id: String,
+    pub url: String,
+    pub body: Vec<u8>,
+    pub deadline_at: Millis,
+}
+
+/// A delivery claimed by a dispatcher.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub id: String,
+    pub session_id: String,
+    pub org_id: String,
+    pub url: String,
+    pub body: Vec<u8>,
+    /// Attempts made before this one.
+    pub attempts: u32,
+    pub created_at: Millis,
+    pub deadline_at: Millis,
+}
+
+/// What a delivery attempt came to, as recorded.
+#[derive(Debug, Clone)]
+pub struct AttemptRecord {
+    pub started_at: Millis,
+    pub duration_ms: i64,
+    pub status_code: Option<u16>,
+    pub error_kind: Option<String>,
+    pub error_message: Option<String>,
+}
+
+/// Where a delivery goes after an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NextStep {
+    Succeeded,
+    Failed,
+    RetryAt(Millis),
+}
+
+/// Delivery state as clients read it.
+#[derive(Debug, Clone)]
+pub struct DeliveryState {
+    pub id: String,
+    pub url: String,
+    pub status: String,
+    pub attempts: u32,
+    pub next_attempt_at: Option<Millis>,
+    pub last_status_code: Option<u16>,
+    pub last_error: Option<String>,
+    pub created_at: Millis,
+    pub completed_at: Option<Millis>,
+}
+
+/// What a lease renewal learned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Renewal {
+    Held,
+    CancelRequested,
+    Lost,
+}
+
+/// The answer to a cancel request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelResult {
+    /// The session was queued and is now cancelled.
+    Cancelled,
+    /// The session is running; its worker will stop at the next step.
+    Requested,
+    /// The session had already ended.
+    AlreadyEnded,
+    NotFound,
+}
+
+/// Everything the server keeps, whatever the engine.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    async fn create_org(&self, org: NewOrg) -> Result<()>;
+    async fn api_key(&self, key_id: &str) -> Result<Option<ApiKey>>;
+    async fn signing_secrets(&self, org_id: &str) -> Result<Vec<String>>;
+
+    async fn insert_agent(&self, agent: &Agent) -> Result<()>;
+    async fn agent(&self, org_id: &str, id: &str) -> Result<Option<Agent>>;
+    async fn agents(&self, org_id: &str, after: Option<&str>, limit: u32) -> Result<Vec<Agent>>;
+    /// Replaces the agent's spec; false if there is no such agent.
+    async fn update_agent(&self, agent: &Agent) -> Result<bool>;
+    async fn delete_agent(&self, org_id: &str, id: &str) -> Result<bool>;
+
+    /// Commits the session and its `session_start` event durably before
+    /// returning.
+    async fn create_session(&self, new: NewSession) -> Result<Created>;
+    async fn session(&self, org_id: &str, id: &str) -> Result<Option<Session>>;
+    async fn events(&self, session_id: &str, after: i64, limit: u32) -> Result<Vec<Event>>;
+    async fn cancel_session(&self, org_id: &str, id: &str, finish: Finish) -> Result<CancelResult>;
+
+    /// Claims the oldest queued session, or a running one whose lease lapsed.
+    async fn claim_session(&self, owner: &str, lease_ms: i64) -> Result<Option<Session>>;
+    async fn renew_session(&self, id: &str, owner: &str, lease_ms: i64) -> Result<Renewal>;
+    /// Appends an event if `owner` still holds the session's lease.
+    async fn append_event(
+        &self,
+        session_id: &str,
+        owner: &str,
+        kind: EventKind,
+        data: Value,
+    ) -> Result<Event>;
+    /// Writes the terminal status, the final event and the delivery row in
+    /// one transaction, if `owner` still holds the lease.
+    async fn finish_session(&self, owner: &str, finish: Finish) -> Result<()>;
+
+    async fn claim_deliveries(
+        &self,
+        owner: &str,
+        lease_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<Delivery>>;
+    /// When the next pending delivery falls due, if any.
+    async fn next_delivery_due(&self) -> Result<Option<Millis>>;
+    /// Records an attempt and the delivery's next step in one transaction.
+    async fn record_attempt(
+        &self,
+        delivery_id: &str,
+        owner: &str,
+        attempt: AttemptRecord,
+        next: NextStep,
+    ) -> Result<()>;
+    async fn delivery_for_session(&self, session_id: &str) -> Result<Option<DeliveryState>>;
+}
