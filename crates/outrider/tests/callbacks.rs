@@ -1,0 +1,417 @@
+//! Callbacks end to end: the real server, a real HTTPS receiver, and a model
+//! endpoint speaking the OpenAI wire format.
+
+mod support;
+
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use serde_json::{json, Value};
+use sha2::Sha256;
+use std::time::Duration;
+use support::model::{FakeModel, ModelReply};
+use support::receiver::{Receiver, Recorded, Reply};
+use support::server::Server;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A server that may call the receiver: loopback allowed, its CA trusted.
+fn server_for(receiver: &Receiver, extra: &[&str]) -> Server {
+    let ca = receiver.ca_file().to_str().expect("utf-8 path").to_owned();
+    let mut args = vec![
+        "--callback-allow",
+        "127.0.0.0/8,::1",
+        "--callback-ca-file",
+        &ca,
+    ];
+    args.extend_from_slice(extra);
+    Server::start(&args)
+}
+
+/// Checks the signature header with an HMAC computed here, not by the
+/// server's own crate, and returns `t`.
+fn assert_signed(request: &Recorded, secret: &str) -> u64 {
+    assert_eq!(request.header("x-scout-signature-alg"), Some("HMAC-SHA256"));
+    let header = request
+        .header("x-scout-signature")
+        .expect("signature header");
+    let (t, sig) = header
+        .strip_prefix("t=")
+        .and_then(|rest| rest.split_once(",sig="))
+        .unwrap_or_else(|| panic!("unexpected header {header}"));
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+    mac.update(format!("{t}.").as_bytes());
+    mac.update(&request.body);
+    let expected = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    assert_eq!(sig, expected, "signature over the raw body bytes");
+
+    let t: u64 = t.parse().expect("t is unix seconds");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    assert!(now.abs_diff(t) < 60, "t={t} is near now={now}");
+    t
+}
+
+fn body(request: &Recorded) -> Value {
+    serde_json::from_slice(&request.body).expect("callback body is JSON")
+}
+
+async fn interact(server: &Server, key: &str, agent: &str, body: Value) -> String {
+    let path = format!("/v1/agents/{agent}/interact");
+    let (status, answer) = server.post(&path, key, body).await;
+    assert_eq!(status, 202, "{answer}");
+    assert!(answer["events_url"]
+        .as_str()
+        .expect("events_url")
+        .ends_with("/events"));
+    answer["session_id"]
+        .as_str()
+        .expect("session_id")
+        .to_owned()
+}
+
+#[tokio::test]
+async fn a_finished_session_posts_a_signed_callback() {
+    let receiver = Receiver::start(vec![]).await;
+    let model = FakeModel::start(vec![
+        ModelReply::ToolCall {
+            name: "add".into(),
+            arguments: json!({"numbers": [2, 3]}),
+        },
+        ModelReply::Text("the sum is 5".into()),
+    ])
+    .await;
+    let server = server_for(&receiver, &["--openai-base-url", &model.base_url()]);
+    let org = server.org("acme");
+    let agent = server
+        .agent(
+            &org.api_key,
+            json!({"name": "calc", "model": "m", "tools": ["add"]}),
+        )
+        .await;
+
+    let request = json!({"message": "add 2 and 3", "callback_url": receiver.url("/hook")});
+    let session = interact(&server, &org.api_key, &agent, request).await;
+    let requests = receiver.wait_for(1, WAIT).await;
+
+    let callback = &requests[0];
+    assert_eq!(callback.method, "POST");
+    assert_eq!(callback.path, "/hook");
+    assert_eq!(callback.header("content-type"), Some("application/json"));
+    assert_signed(callback, &org.signing_secret);
+    let body = body(callback);
+    assert_eq!(body["session_id"], json!(session));
+    assert_eq!(body["status"], json!("succeeded"));
+    assert_eq!(body["output"], json!("the sum is 5"));
+    assert!(uuid::Uuid::parse_str(body["callback_event_id"].as_str().expect("id")).is_ok());
+    let completed = body["completed_at"].as_str().expect("completed_at");
+    assert!(
+        time::OffsetDateTime::parse(completed, &time::format_description::well_known::Rfc3339)
+            .is_ok()
+    );
+    let events_url = body["events_url"].as_str().expect("events_url");
+    assert_eq!(
+        events_url,
+        server.url(&format!("/v1/agent-sessions/{session}/events"))
+    );
+    assert!(body.get("error").is_none());
+
+    // The model saw the tool result before answering.
+    let calls = model.calls();
+    assert_eq!(calls.len(), 2);
+    assert_eq!(calls[0]["tools"][0]["function"]["name"], json!("add"));
+    let last = calls[1]["messages"]
+        .as_array()
+        .expect("messages")
+        .last()
+        .cloned();
+    assert_eq!(last.expect("a tool message")["role"], json!("tool"));
+
+    // Events are readable with the key, hidden from another org, refused without a key.
+    let (status, events) = server
+        .get(
+            &format!("/v1/agent-sessions/{session}/events"),
+            &org.api_key,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let kinds: Vec<&str> = events["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| e["type"].as_str().expect("type"))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "session_start",
+            "llm_call",
+            "tool_call",
+            "llm_call",
+            "message",
+            "session_end"
+        ]
+    );
+    let other = server.org("other");
+    let path = format!("/v1/agent-sessions/{session}/events");
+    assert_eq!(server.get(&path, &other.api_key).await.0, 404);
+    assert_eq!(
+        server.call(reqwest::Method::GET, &path, None, None).await.0,
+        401
+    );
+
+    let state = server
+        .wait_session(&org.api_key, &session, WAIT, |s| {
+            s["callback"]["status"] == "succeeded"
+        })
+        .await;
+    assert_eq!(state["callback"]["attempts"], json!(1));
+    assert_eq!(
+        state["callback"]["callback_event_id"],
+        body["callback_event_id"]
+    );
+}
+
+#[tokio::test]
+async fn an_agent_that_never_stops_calling_tools_fails_after_max_steps() {
+    let receiver = Receiver::start(vec![]).await;
+    let model = FakeModel::start(vec![ModelReply::ToolCall {
+        name: "echo".into(),
+        arguments: json!({"text": "again"}),
+    }])
+    .await;
+    let server = server_for(&receiver, &["--openai-base-url", &model.base_url()]);
+    let org = server.org("acme");
+    let spec = json!({"name": "loop", "model": "m", "tools": ["echo"], "max_steps": 3});
+    let agent = server.agent(&org.api_key, spec).await;
+
+    let request = json!({"message": "go", "callback_url": receiver.url("/hook")});
+    interact(&server, &org.api_key, &agent, request).await;
+    let requests = receiver.wait_for(1, WAIT).await;
+
+    assert_signed(&requests[0], &org.signing_secret);
+    let body = body(&requests[0]);
+    assert_eq!(body["status"], json!("failed"));
+    assert_eq!(
+        body["error"],
+        json!({"code": "EXECUTION_ERROR", "message": "Agent exceeded maximum step count"})
+    );
+    assert_eq!(model.calls().len(), 3, "no model call after the last step");
+}
+
+#[tokio::test]
+async fn a_callback_is_retried_after_503s_with_the_same_bytes_and_fresh_signatures() {
+    let receiver = Receiver::start(vec![Reply::Status(503), Reply::Status(503)]).await;
+    let server = server_for(&receiver, &[]);
+    let org = server.org("acme");
+    let agent = server.echo_agent(&org.api_key, "done").await;
+
+    let request = json!({"message": "go", "callback_url": receiver.url("/hook")});
+    let session = interact(&server, &org.api_key, &agent, request).await;
+    let requests = receiver.wait_for(3, WAIT).await;
+
+    let first = body(&requests[0]);
+    let mut stamps = Vec::new();
+    for request in &requests {
+        assert_eq!(
+            request.body, requests[0].body,
+            "identical bytes on every attempt"
+        );
+        assert_eq!(
+            body(request)["callback_event_id"],
+            first["callback_event_id"]
+        );
+        stamps.push(assert_signed(request, &org.signing_secret));
+    }
+    assert!(stamps.windows(2).all(|w| w[0] <= w[1]), "{stamps:?}");
+    assert!(
+        stamps[2] > stamps[0],
+        "signed fresh on each attempt: {stamps:?}"
+    );
+
+    let state = server
+        .wait_session(&org.api_key, &session, WAIT, |s| {
+            s["callback"]["status"] == "succeeded"
+        })
+        .await;
+    assert_eq!(state["callback"]["attempts"], json!(3));
+    assert_eq!(state["callback"]["last_status_code"], json!(200));
+}
+
+#[tokio::test]
+async fn a_400_ends_delivery_after_one_attempt() {
+    let receiver = Receiver::start(vec![Reply::Status(400)]).await;
+    let server = server_for(&receiver, &[]);
+    let org = server.org("acme");
+    let agent = server.echo_agent(&org.api_key, "done").await;
+
+    let request = json!({"message": "go", "callback_url": receiver.url("/hook")});
+    let session = interact(&server, &org.api_key, &agent, request).await;
+    let state = server
+        .wait_session(&org.api_key, &session, WAIT, |s| {
+            s["callback"]["status"] == "failed"
+        })
+        .await;
+
+    assert_eq!(state["callback"]["attempts"], json!(1));
+    assert_eq!(state["callback"]["last_status_code"], json!(400));
+    assert_eq!(state["callback"]["next_attempt_at"], Value::Null);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(receiver.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn a_redirect_is_not_followed() {
+    let elsewhere = Receiver::start(vec![]).await;
+    let receiver = Receiver::start(vec![Reply::Redirect(elsewhere.url("/stolen"))]).await;
+    let server = server_for(&receiver, &[]);
+    let org = server.org("acme");
+    let agent = server.echo_agent(&org.api_key, "done").await;
+
+    let request = json!({"message": "go", "callback_url": receiver.url("/hook")});
+    let session = interact(&server, &org.api_key, &agent, request).await;
+    let state = server
+        .wait_session(&org.api_key, &session, WAIT, |s| {
+            s["callback"]["status"] == "failed"
+        })
+        .await;
+
+    assert_eq!(state["callback"]["last_status_code"], json!(302));
+    assert_eq!(receiver.requests().len(), 1);
+    assert!(
+        elsewhere.requests().is_empty(),
+        "the redirect target was never contacted"
+    );
+}
+
+#[tokio::test]
+async fn non_ascii_and_nested_bodies_verify_byte_for_byte() {
+    let receiver = Receiver::start(vec![]).await;
+    let server = server_for(&receiver, &[]);
+    let org = server.org("acme");
+    let text = "caf\u{e9} \u{2028} \u{2029} \u{1f600} \"quoted\" \\ </script>";
+    let agent = server.echo_agent(&org.api_key, text).await;
+
+    let metadata = json!({"order": {"id": 7, "lines": [{"sku": "\u{e9}t\u{e9}", "qty": 2}]},
+                          "note": "line\u{2028}separator"});
+    let request = json!({
+        "message": "hi",
+        "callback_url": receiver.ip_url("/hook?x=1"),
+        "metadata": metadata,
+    });
+    interact(&server, &org.api_key, &agent, request).await;
+    let requests = receiver.wait_for(1, WAIT).await;
+
+    assert_eq!(requests[0].path, "/hook?x=1");
+    assert_signed(&requests[0], &org.signing_secret);
+    let body = body(&requests[0]);
+    assert_eq!(body["output"], json!(text));
+    assert_eq!(body["metadata"], metadata);
+}
+
+#[tokio::test]
+async fn a_server_killed_after_accepting_still_delivers_after_restart() {
+    let receiver = Receiver::start(vec![]).await;
+    let slow = ModelReply::Delayed(
+        Duration::from_secs(3),
+        Box::new(ModelReply::Text("late".into())),
+    );
+    let model = FakeModel::start(vec![slow]).await;
+    let mut server = server_for(&receiver, &["--openai-base-url", &model.base_url()]);
+    let org = server.org("acme");
+    let agent = server
+        .agent(&org.api_key, json!({"name": "slow", "model": "m"}))
+        .await;
+
+    let request = json!({"message": "go", "callback_url": receiver.url("/hook")});
+    let session = interact(&server, &org.api_key, &agent, request).await;
+    // Killed while the model call is in flight.
+    tokio::time::timeout(WAIT, async {
+        while model.calls().is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the model was called");
+    server.kill();
+    assert!(receiver.requests().is_empty());
+
+    server.restart();
+    let requests = receiver.wait_for(1, WAIT).await;
+    assert_signed(&requests[0], &org.signing_secret);
+    assert_eq!(body(&requests[0])["session_id"], json!(session));
+    assert_eq!(body(&requests[0])["status"], json!("succeeded"));
+    assert_eq!(body(&requests[0])["output"], json!("late"));
+}
+
+#[tokio::test]
+async fn a_server_killed_while_a_retry_waits_retries_after_restart() {
+    let receiver = Receiver::start(vec![Reply::Status(503)]).await;
+    let mut server = server_for(&receiver, &["--retry-schedule", "3s"]);
+    let org = server.org("acme");
+    let agent = server.echo_agent(&org.api_key, "done").await;
+
+    let request = json!({"message": "go", "callback_url": receiver.url("/hook")});
+    let session = interact(&server, &org.api_key, &agent, request).await;
+    server
+        .wait_session(&org.api_key, &session, WAIT, |s| {
+            s["callback"]["attempts"] == 1
+        })
+        .await;
+    server.kill();
+
+    server.restart();
+    let requests = receiver.wait_for(2, WAIT).await;
+    assert_eq!(requests[1].body, requests[0].body);
+    assert_signed(&requests[1], &org.signing_secret);
+    let state = server
+        .wait_session(&org.api_key, &session, WAIT, |s| {
+            s["callback"]["status"] == "succeeded"
+        })
+        .await;
+    assert_eq!(state["callback"]["attempts"], json!(2));
+}
+
+#[tokio::test]
+async fn private_and_plain_http_callback_urls_are_refused_at_accept() {
+    let server = Server::start(&[]);
+    let org = server.org("acme");
+    let agent = server.echo_agent(&org.api_key, "done").await;
+    let path = format!("/v1/agents/{agent}/interact");
+
+    for url in [
+        "http://example.com/hook",
+        "https://127.0.0.1/",
+        "https://[::ffff:127.0.0.1]/",
+        "https://2130706433/",
+        "https://0x7f.1/",
+        "https://[::]/",
+        "https://localhost/",
+        "https://10.0.0.1/",
+        "https://169.254.169.254/latest/meta-data",
+        "https://user:pass@example.com/",
+        "ftp://example.com/",
+        "not a url",
+    ] {
+        let (status, body) = server
+            .post(
+                &path,
+                &org.api_key,
+                json!({"message": "hi", "callback_url": url}),
+            )
+            .await;
+        assert_eq!(status, 400, "{url}: {body}");
+        assert_eq!(
+            body["error"]["field"],
+            json!("callback_url"),
+            "{url}: {body}"
+        );
+        assert!(body["error"]["message"]
+            .as_str()
+            .expect("message")
+            .contains("callback_url"));
+    }
+    let (_, events) = server.get("/v1/agents", &org.api_key).await;
+    assert_eq!(events["agents"].as_array().map(Vec::len), Some(1));
+}
