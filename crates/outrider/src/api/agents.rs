@@ -209,12 +209,15 @@ pub async fn list(
 ) -> ApiResult<Json<Value>> {
     let limit = page_limit(query.get("limit").map(String::as_str), 100, 1000)?;
     let after = query.get("after").map(String::as_str);
-    let agents = state.store.agents(&org.id, after, limit).await?;
+    // One extra row says whether another page follows.
+    let mut agents = state.store.agents(&org.id, after, limit + 1).await?;
+    let more = agents.len() > limit as usize;
+    agents.truncate(limit as usize);
 
-    let next = (agents.len() == limit as usize).then(|| agents.last().map(|a| a.id.clone()));
+    let next_cursor = more.then(|| agents.last().map(|a| a.id.clone())).flatten();
     let agents: Vec<Value> = agents.iter().map(agent_json).collect();
     Ok(Json(
-        json!({ "agents": agents, "next_cursor": next.flatten() }),
+        json!({ "agents": agents, "next_cursor": next_cursor }),
     ))
 }
 

@@ -73,6 +73,7 @@ pub fn router(state: AppState) -> Router {
             post(sessions::cancel),
         )
         .fallback(|| async { ApiError::NotFound("route") })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
@@ -93,7 +94,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
             return Err(ApiError::InvalidJson("the body is empty".into()));
         }
         let mut json = serde_json::Deserializer::from_slice(&bytes);
-        let value = serde_path_to_error::deserialize(&mut json).map_err(|error| {
+        let value: T = serde_path_to_error::deserialize(&mut json).map_err(|error| {
             let path = error.path().to_string();
             let inner = error.into_inner();
             if inner.is_syntax() || inner.is_eof() || path == "." {
@@ -101,6 +102,9 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
             } else {
                 ApiError::field(path, inner.to_string())
             }
+        })?;
+        json.end().map_err(|e| {
+            ApiError::InvalidJson(format!("trailing data after the JSON value: {e}"))
         })?;
         Ok(Self(value))
     }
