@@ -57,7 +57,7 @@ impl Application {
             policy: RetryPolicy::new(config.retry_schedule.clone()),
             owner: owner.clone(),
             concurrency: usize::from(config.delivery_concurrency),
-            lease: config.callback_timeout + std::time::Duration::from_secs(30),
+            lease: config.callback_timeout + std::time::Duration::from_secs(10),
             ready: delivery_ready.clone(),
         });
 

@@ -7,8 +7,10 @@
 //! and are checked before sending instead. One budget covers the whole
 //! attempt, and at most 64 KiB of the response is read.
 
+use anyhow::Context;
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use reqwest::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
+use rustls::pki_types::CertificateDer;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -185,22 +187,10 @@ pub fn tls_config(extra_ca: Option<&Path>) -> anyhow::Result<rustls::ClientConfi
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = extra_ca {
-        let pem = std::fs::read(path)
-            .map_err(|e| anyhow::anyhow!("callback CA file {}: {e}", path.display()))?;
-        let mut found = 0;
-        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-            let cert =
-                cert.map_err(|e| anyhow::anyhow!("callback CA file {}: {e}", path.display()))?;
-            roots
-                .add(cert)
-                .map_err(|e| anyhow::anyhow!("callback CA file {}: {e}", path.display()))?;
-            found += 1;
+        let context = || format!("--callback-ca-file {}", path.display());
+        for cert in read_certificates(path).with_context(context)? {
+            roots.add(cert).with_context(context)?;
         }
-        anyhow::ensure!(
-            found > 0,
-            "callback CA file {} holds no certificate",
-            path.display()
-        );
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
@@ -208,4 +198,11 @@ pub fn tls_config(extra_ca: Option<&Path>) -> anyhow::Result<rustls::ClientConfi
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(config)
+}
+
+fn read_certificates(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let pem = std::fs::read(path)?;
+    let certs = rustls_pemfile::certs(&mut pem.as_slice()).collect::<Result<Vec<_>, _>>()?;
+    anyhow::ensure!(!certs.is_empty(), "holds no PEM certificate");
+    Ok(certs)
 }
