@@ -1,0 +1,386 @@
+//! The SQLite engine: one file, WAL journal, every commit fsynced.
+//!
+//! SQLite allows one writer at a time, so the hot writes go through one
+//! queue that commits whatever is waiting in one transaction ([`writes`]),
+//! and reads use a separate pool. No caller is answered before the commit
+//! that holds its write.
+
+mod rows;
+mod writes;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::Row;
+use std::str::FromStr;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    ApiKey, AttemptRecord, CancelResult, Created, Delivery, DeliveryState, Finish, NewOrg,
+    NewSession, NextStep, Renewal, Result, Store, StoreError,
+};
+use crate::domain::{now_ms, Agent, Event, EventKind, Millis, Session, SessionStatus};
+use rows::{
+    agent_from_row, delivery_state_from_row, event_from_row, parse_status, session_from_row,
+    to_json,
+};
+use writes::{Write, WriteRequest, Written, MAX_BATCH};
+
+/// How often the WAL is checkpointed.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+
+/// The SQLite implementation of [`Store`].
+pub struct SqliteStore {
+    writer: SqlitePool,
+    reader: SqlitePool,
+    writes: mpsc::Sender<WriteRequest>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database at `url` and migrates it.
+    pub async fn open(url: &str) -> Result<Self> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await?;
+        sqlx::migrate!("./migrations/sqlite").run(&writer).await?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
+
+        let (writes, queue) = mpsc::channel(4 * MAX_BATCH);
+        tokio::spawn(writes::commit_batches(writer.clone(), queue));
+        tokio::spawn(checkpoint_periodically(reader.clone()));
+        Ok(Self {
+            writer,
+            reader,
+            writes,
+        })
+    }
+
+    /// Queues a write and waits for the commit that carries it.
+    async fn write(&self, write: Write) -> Result<Written> {
+        let (reply, answer) = oneshot::channel();
+        self.writes
+            .send((write, reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+/// Copies the WAL into the database file every second.
+///
+/// A passive checkpoint never blocks writers. SQLite still checkpoints from
+/// the writer once the WAL passes 1,000 pages (which is what lets the WAL
+/// start over), but by then most pages have been copied here, so commits
+/// (and the `202`s waiting on them) stall less.
+async fn checkpoint_periodically(pool: SqlitePool) {
+    let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+    loop {
+        tick.tick().await;
+        if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&pool)
+            .await
+        {
+            tracing::warn!(error = %error, "WAL checkpoint failed");
+        }
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn create_org(&self, org: NewOrg) -> Result<()> {
+        let now = now_ms();
+        let mut tx = self.writer.begin().await?;
+        sqlx::query("INSERT INTO orgs (id, name, created_at) VALUES (?, ?, ?)")
+            .bind(&org.id)
+            .bind(&org.name)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO signing_secrets (org_id, secret, created_at) VALUES (?, ?, ?)")
+            .bind(&org.id)
+            .bind(&org.signing_secret)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO api_keys (id, org_id, key_hash, created_at) VALUES (?, ?, ?, ?)")
+            .bind(&org.key_id)
+            .bind(&org.id)
+            .bind(&org.key_hash)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn api_key(&self, key_id: &str) -> Result<Option<ApiKey>> {
+        let row = sqlx::query("SELECT org_id, key_hash FROM api_keys WHERE id = ?")
+            .bind(key_id)
+            .fetch_optional(&self.reader)
+            .await?;
+        row.map(|row| {
+            Ok(ApiKey {
+                org_id: row.try_get("org_id")?,
+                key_hash: row.try_get("key_hash")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn signing_secrets(&self, org_id: &str) -> Result<Vec<String>> {
+        let secrets = sqlx::query_scalar(
+            "SELECT secret FROM signing_secrets
+             WHERE org_id = ? AND (retires_at IS NULL OR retires_at > ?)
+             ORDER BY created_at",
+        )
+        .bind(org_id)
+        .bind(now_ms())
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(secrets)
+    }
+
+    async fn insert_agent(&self, agent: &Agent) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO agents (id, org_id, spec, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(&agent.id)
+        .bind(&agent.org_id)
+        .bind(to_json(&agent.spec))
+        .bind(agent.created_at)
+        .bind(agent.updated_at)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn agent(&self, org_id: &str, id: &str) -> Result<Option<Agent>> {
+        let row = sqlx::query("SELECT * FROM agents WHERE org_id = ? AND id = ?")
+            .bind(org_id)
+            .bind(id)
+            .fetch_optional(&self.reader)
+            .await?;
+        row.as_ref().map(agent_from_row).transpose()
+    }
+
+    async fn agents(&self, org_id: &str, after: Option<&str>, limit: u32) -> Result<Vec<Agent>> {
+        let rows =
+            sqlx::query("SELECT * FROM agents WHERE org_id = ? AND id > ? ORDER BY id LIMIT ?")
+                .bind(org_id)
+                .bind(after.unwrap_or(""))
+                .bind(limit)
+                .fetch_all(&self.reader)
+                .await?;
+        rows.iter().map(agent_from_row).collect()
+    }
+
+    async fn update_agent(&self, agent: &Agent) -> Result<bool> {
+        let done =
+            sqlx::query("UPDATE agents SET spec = ?, updated_at = ? WHERE org_id = ? AND id = ?")
+                .bind(to_json(&agent.spec))
+                .bind(agent.updated_at)
+                .bind(&agent.org_id)
+                .bind(&agent.id)
+                .execute(&self.writer)
+                .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn delete_agent(&self, org_id: &str, id: &str) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM agents WHERE org_id = ? AND id = ?")
+            .bind(org_id)
+            .bind(id)
+            .execute(&self.writer)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn create_session(&self, new: NewSession) -> Result<Created> {
+        match self.write(Write::CreateSession(new)).await? {
+            Written::Created(created) => Ok(created),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn session(&self, org_id: &str, id: &str) -> Result<Option<Session>> {
+        let row = sqlx::query("SELECT * FROM sessions WHERE org_id = ? AND id = ?")
+            .bind(org_id)
+            .bind(id)
+            .fetch_optional(&self.reader)
+            .await?;
+        row.as_ref().map(session_from_row).transpose()
+    }
+
+    async fn events(&self, session_id: &str, after: i64, limit: u32) -> Result<Vec<Event>> {
+        let rows = sqlx::query(
+            "SELECT seq, kind, data, created_at FROM events
+             WHERE session_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(session_id)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(event_from_row).collect()
+    }
+
+    async fn cancel_session(&self, org_id: &str, id: &str, finish: Finish) -> Result<CancelResult> {
+        let mut tx = self.writer.begin().await?;
+        let status: Option<String> =
+            sqlx::query_scalar("SELECT status FROM sessions WHERE org_id = ? AND id = ?")
+                .bind(org_id)
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let status = match status.as_deref().map(parse_status).transpose()? {
+            None => return Ok(CancelResult::NotFound),
+            Some(status) => status,
+        };
+        let result = match status {
+            SessionStatus::Queued => {
+                writes::write_finish(&mut tx, &finish).await?;
+                CancelResult::Cancelled
+            }
+            SessionStatus::Running => {
+                sqlx::query("UPDATE sessions SET cancel_requested = 1 WHERE id = ?")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                CancelResult::Requested
+            }
+            _ => CancelResult::AlreadyEnded,
+        };
+        tx.commit().await?;
+        Ok(result)
+    }
+
+    async fn claim_session(&self, owner: &str, lease_ms: i64) -> Result<Option<Session>> {
+        let owner = owner.to_owned();
+        match self.write(Write::ClaimSession { owner, lease_ms }).await? {
+            Written::Claimed(session) => Ok(session.map(|s| *s)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn renew_session(&self, id: &str, owner: &str, lease_ms: i64) -> Result<Renewal> {
+        let (id, owner) = (id.to_owned(), owner.to_owned());
+        match self
+            .write(Write::RenewSession {
+                id,
+                owner,
+                lease_ms,
+            })
+            .await?
+        {
+            Written::Renewed(renewal) => Ok(renewal),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn append_event(
+        &self,
+        session_id: &str,
+        owner: &str,
+        kind: EventKind,
+        data: Value,
+    ) -> Result<Event> {
+        let (session_id, owner) = (session_id.to_owned(), owner.to_owned());
+        match self
+            .write(Write::AppendEvent {
+                session_id,
+                owner,
+                kind,
+                data,
+            })
+            .await?
+        {
+            Written::Appended(event) => Ok(event),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn finish_session(&self, owner: &str, finish: Finish) -> Result<()> {
+        let owner = owner.to_owned();
+        match self.write(Write::FinishSession { owner, finish }).await? {
+            Written::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn claim_deliveries(
+        &self,
+        owner: &str,
+        lease_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<Delivery>> {
+        let owner = owner.to_owned();
+        match self
+            .write(Write::ClaimDeliveries {
+                owner,
+                lease_ms,
+                limit,
+            })
+            .await?
+        {
+            Written::Deliveries(deliveries) => Ok(deliveries),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn next_delivery_due(&self) -> Result<Option<Millis>> {
+        let due = sqlx::query_scalar(
+            "SELECT MIN(next_attempt_at) FROM deliveries WHERE status = 'pending'",
+        )
+        .fetch_one(&self.reader)
+        .await?;
+        Ok(due)
+    }
+
+    async fn record_attempt(
+        &self,
+        delivery_id: &str,
+        owner: &str,
+        attempt: AttemptRecord,
+        next: NextStep,
+    ) -> Result<()> {
+        let (delivery_id, owner) = (delivery_id.to_owned(), owner.to_owned());
+        match self
+            .write(Write::RecordAttempt {
+                delivery_id,
+                owner,
+                attempt,
+                next,
+            })
+            .await?
+        {
+            Written::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn delivery_for_session(&self, session_id: &str) -> Result<Option<DeliveryState>> {
+        let row = sqlx::query("SELECT * FROM deliveries WHERE session_id = ?")
+            .bind(session_id)
+            .fetch_optional(&self.reader)
+            .await?;
+        row.as_ref().map(delivery_state_from_row).transpose()
+    }
+}
+
+/// A write answered with the wrong kind of result: a bug, reported as such.
+fn unexpected(written: Written) -> StoreError {
+    StoreError::Corrupt(format!("unexpected write result {written:?}"))
+}

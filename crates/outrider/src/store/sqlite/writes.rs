@@ -1,0 +1,431 @@
+//! The write queue: every hot write goes through one task that commits
+//! whatever is waiting in one transaction.
+//!
+//! SQLite allows one writer, and each durable commit costs an fsync. Sending
+//! accepts, event appends, claims and attempt records through one queue lets
+//! a single commit (and a single fsync) carry many of them. Each write runs in
+//! its own savepoint, so one failing write does not undo the others, and no
+//! caller hears back before the commit that holds its write.
+
+use serde_json::{json, Value};
+use sqlx::{SqliteConnection, SqlitePool};
+use tokio::sync::{mpsc, oneshot};
+
+use super::rows::{delivery_from_row, session_from_row, to_json};
+use crate::domain::{now_ms, Event, EventKind, Millis, Session, SessionStatus};
+use crate::store::{
+    AttemptRecord, Created, Delivery, Finish, NewSession, NextStep, Outcome, Renewal, Result,
+    StoreError,
+};
+
+/// How many writes one commit may carry.
+pub const MAX_BATCH: usize = 512;
+
+/// A write waiting for the next commit.
+#[derive(Debug)]
+pub enum Write {
+    CreateSession(NewSession),
+    ClaimSession {
+        owner: String,
+        lease_ms: i64,
+    },
+    RenewSession {
+        id: String,
+        owner: String,
+        lease_ms: i64,
+    },
+    AppendEvent {
+        session_id: String,
+        owner: String,
+        kind: EventKind,
+        data: Value,
+    },
+    FinishSession {
+        owner: String,
+        finish: Finish,
+    },
+    ClaimDeliveries {
+        owner: String,
+        lease_ms: i64,
+        limit: u32,
+    },
+    RecordAttempt {
+        delivery_id: String,
+        owner: String,
+        attempt: AttemptRecord,
+        next: NextStep,
+    },
+}
+
+/// What a write produced, once committed.
+#[derive(Debug)]
+pub enum Written {
+    Created(Created),
+    Claimed(Option<Box<Session>>),
+    Renewed(Renewal),
+    Appended(Event),
+    Deliveries(Vec<Delivery>),
+    Done,
+}
+
+pub type WriteRequest = (Write, oneshot::Sender<Result<Written>>);
+
+/// Commits queued writes, as many per transaction as are waiting.
+pub async fn commit_batches(writer: SqlitePool, mut queue: mpsc::Receiver<WriteRequest>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        match apply_batch(&writer, &batch).await {
+            Ok(results) => {
+                for ((_, reply), result) in batch.drain(..).zip(results) {
+                    let _ = reply.send(result);
+                }
+            }
+            Err(error) => {
+                tracing::error!(error = %error, size = batch.len(), "write batch failed");
+                let message = error.to_string();
+                for (_, reply) in batch.drain(..) {
+                    let _ = reply.send(Err(StoreError::Corrupt(message.clone())));
+                }
+            }
+        }
+    }
+}
+
+async fn apply_batch(writer: &SqlitePool, batch: &[WriteRequest]) -> Result<Vec<Result<Written>>> {
+    let mut tx = writer.begin().await?;
+    let mut results = Vec::with_capacity(batch.len());
+    for (write, _) in batch {
+        sqlx::query("SAVEPOINT write").execute(&mut *tx).await?;
+        let result = apply(&mut tx, write).await;
+        if result.is_err() {
+            sqlx::query("ROLLBACK TO write").execute(&mut *tx).await?;
+        }
+        sqlx::query("RELEASE write").execute(&mut *tx).await?;
+        results.push(result);
+    }
+    tx.commit().await?;
+    Ok(results)
+}
+
+async fn apply(tx: &mut SqliteConnection, write: &Write) -> Result<Written> {
+    match write {
+        Write::CreateSession(new) => insert_session(tx, new).await.map(Written::Created),
+        Write::ClaimSession { owner, lease_ms } => {
+            let claimed = claim_session(tx, owner, *lease_ms).await?;
+            Ok(Written::Claimed(claimed.map(Box::new)))
+        }
+        Write::RenewSession {
+            id,
+            owner,
+            lease_ms,
+        } => renew_session(tx, id, owner, *lease_ms)
+            .await
+            .map(Written::Renewed),
+        Write::AppendEvent {
+            session_id,
+            owner,
+            kind,
+            data,
+        } => {
+            if !holds_session(tx, session_id, owner).await? {
+                return Err(StoreError::LeaseLost);
+            }
+            let event = insert_event(tx, session_id, *kind, data, now_ms()).await?;
+            Ok(Written::Appended(event))
+        }
+        Write::FinishSession { owner, finish } => {
+            if !holds_session(tx, &finish.session_id, owner).await? {
+                return Err(StoreError::LeaseLost);
+            }
+            write_finish(tx, finish).await.map(|()| Written::Done)
+        }
+        Write::ClaimDeliveries {
+            owner,
+            lease_ms,
+            limit,
+        } => claim_deliveries(tx, owner, *lease_ms, *limit)
+            .await
+            .map(Written::Deliveries),
+        Write::RecordAttempt {
+            delivery_id,
+            owner,
+            attempt,
+            next,
+        } => record_attempt(tx, delivery_id, owner, attempt, *next)
+            .await
+            .map(|()| Written::Done),
+    }
+}
+
+async fn insert_session(tx: &mut SqliteConnection, new: &NewSession) -> Result<Created> {
+    // The idempotency key is claimed first; a key seen before names the
+    // session that was created for it.
+    if let Some(key) = &new.idempotency_key {
+        let claimed = sqlx::query(
+            "INSERT INTO idempotency_keys (org_id, key, session_id, created_at)
+             VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+        )
+        .bind(&new.org_id)
+        .bind(key)
+        .bind(&new.id)
+        .bind(new.created_at)
+        .execute(&mut *tx)
+        .await?;
+        if claimed.rows_affected() == 0 {
+            let existing: String = sqlx::query_scalar(
+                "SELECT session_id FROM idempotency_keys WHERE org_id = ? AND key = ?",
+            )
+            .bind(&new.org_id)
+            .bind(key)
+            .fetch_one(&mut *tx)
+            .await?;
+            return Ok(Created::Existing(existing));
+        }
+    }
+
+    sqlx::query(
+        "INSERT INTO sessions (id, org_id, agent_id, agent, status, input, metadata,
+                               callback_url, created_at)
+         VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+    )
+    .bind(&new.id)
+    .bind(&new.org_id)
+    .bind(&new.agent.id)
+    .bind(to_json(&new.agent.spec))
+    .bind(to_json(&new.input))
+    .bind(new.metadata.as_ref().map(to_json))
+    .bind(&new.callback_url)
+    .bind(new.created_at)
+    .execute(&mut *tx)
+    .await?;
+
+    let start = json!({
+        "agent_id": new.agent.id,
+        "input": new.input,
+        "metadata": new.metadata,
+    });
+    insert_event(tx, &new.id, EventKind::SessionStart, &start, new.created_at).await?;
+    Ok(Created::New(new.id.clone()))
+}
+
+/// Takes over a lapsed lease first, else the oldest queued session. Two
+/// indexed look-ups: one `OR` query would sort every queued row per claim.
+async fn claim_session(
+    tx: &mut SqliteConnection,
+    owner: &str,
+    lease_ms: i64,
+) -> Result<Option<Session>> {
+    let now = now_ms();
+    let row = sqlx::query(
+        "UPDATE sessions
+         SET status = 'running', lease_owner = ?1, lease_until = ?2,
+             started_at = COALESCE(started_at, ?3), claims = claims + 1
+         WHERE id = COALESCE(
+             (SELECT id FROM sessions
+              WHERE status = 'running' AND lease_until < ?3 LIMIT 1),
+             (SELECT id FROM sessions
+              WHERE status = 'queued' ORDER BY created_at LIMIT 1))
+         RETURNING *",
+    )
+    .bind(owner)
+    .bind(now + lease_ms)
+    .bind(now)
+    .fetch_optional(&mut *tx)
+    .await?;
+    row.as_ref().map(session_from_row).transpose()
+}
+
+async fn renew_session(
+    tx: &mut SqliteConnection,
+    id: &str,
+    owner: &str,
+    lease_ms: i64,
+) -> Result<Renewal> {
+    let cancel: Option<i64> = sqlx::query_scalar(
+        "UPDATE sessions SET lease_until = ?
+         WHERE id = ? AND lease_owner = ? AND status = 'running'
+         RETURNING cancel_requested",
+    )
+    .bind(now_ms() + lease_ms)
+    .bind(id)
+    .bind(owner)
+    .fetch_optional(&mut *tx)
+    .await?;
+    Ok(match cancel {
+        None => Renewal::Lost,
+        Some(0) => Renewal::Held,
+        Some(_) => Renewal::CancelRequested,
+    })
+}
+
+pub async fn insert_event(
+    tx: &mut SqliteConnection,
+    session_id: &str,
+    kind: EventKind,
+    data: &Value,
+    at: Millis,
+) -> Result<Event> {
+    let seq: i64 = sqlx::query_scalar(
+        "INSERT INTO events (session_id, seq, kind, data, created_at)
+         VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE session_id = ?1),
+                 ?2, ?3, ?4)
+         RETURNING seq",
+    )
+    .bind(session_id)
+    .bind(kind.as_str())
+    .bind(to_json(data))
+    .bind(at)
+    .fetch_one(&mut *tx)
+    .await?;
+    Ok(Event {
+        seq,
+        kind,
+        data: data.clone(),
+        created_at: at,
+    })
+}
+
+/// True if `owner` holds the session's lease, read inside the transaction.
+async fn holds_session(tx: &mut SqliteConnection, id: &str, owner: &str) -> Result<bool> {
+    let held: Option<i64> = sqlx::query_scalar(
+        "SELECT 1 FROM sessions WHERE id = ? AND lease_owner = ? AND status = 'running'",
+    )
+    .bind(id)
+    .bind(owner)
+    .fetch_optional(&mut *tx)
+    .await?;
+    Ok(held.is_some())
+}
+
+/// The terminal status, the `session_end` event and the delivery row.
+pub async fn write_finish(tx: &mut SqliteConnection, finish: &Finish) -> Result<()> {
+    let (status, output, error) = match &finish.outcome {
+        Outcome::Succeeded { output } => (SessionStatus::Succeeded, Some(output), None),
+        Outcome::Failed(error) => (SessionStatus::Failed, None, Some(error)),
+        Outcome::Cancelled => (SessionStatus::Cancelled, None, None),
+    };
+    sqlx::query(
+        "UPDATE sessions SET status = ?, output = ?, error_code = ?, error_message = ?,
+                completed_at = ?, lease_owner = NULL, lease_until = NULL
+         WHERE id = ?",
+    )
+    .bind(status.as_str())
+    .bind(output)
+    .bind(error.map(|e| &e.code))
+    .bind(error.map(|e| &e.message))
+    .bind(finish.completed_at)
+    .bind(&finish.session_id)
+    .execute(&mut *tx)
+    .await?;
+
+    let end = &finish.end_event;
+    insert_event(
+        tx,
+        &finish.session_id,
+        EventKind::SessionEnd,
+        end,
+        finish.completed_at,
+    )
+    .await?;
+
+    if let Some(delivery) = &finish.delivery {
+        sqlx::query(
+            "INSERT INTO deliveries (id, session_id, org_id, url, body, status,
+                                     next_attempt_at, deadline_at, created_at)
+             SELECT ?, id, org_id, ?, ?, 'pending', ?, ?, ? FROM sessions WHERE id = ?",
+        )
+        .bind(&delivery.id)
+        .bind(&delivery.url)
+        .bind(&delivery.body)
+        .bind(finish.completed_at)
+        .bind(delivery.deadline_at)
+        .bind(finish.completed_at)
+        .bind(&finish.session_id)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
+}
+
+async fn claim_deliveries(
+    tx: &mut SqliteConnection,
+    owner: &str,
+    lease_ms: i64,
+    limit: u32,
+) -> Result<Vec<Delivery>> {
+    let now = now_ms();
+    let rows = sqlx::query(
+        "UPDATE deliveries SET lease_owner = ?1, lease_until = ?2
+         WHERE id IN (SELECT id FROM deliveries
+                      WHERE status = 'pending' AND next_attempt_at <= ?3
+                        AND (lease_until IS NULL OR lease_until < ?3)
+                      ORDER BY next_attempt_at LIMIT ?4)
+         RETURNING id, session_id, org_id, url, body, attempts, created_at, deadline_at",
+    )
+    .bind(owner)
+    .bind(now + lease_ms)
+    .bind(now)
+    .bind(limit)
+    .fetch_all(&mut *tx)
+    .await?;
+    rows.iter().map(delivery_from_row).collect()
+}
+
+async fn record_attempt(
+    tx: &mut SqliteConnection,
+    delivery_id: &str,
+    owner: &str,
+    attempt: &AttemptRecord,
+    next: NextStep,
+) -> Result<()> {
+    let n: Option<i64> = sqlx::query_scalar(
+        "UPDATE deliveries SET attempts = attempts + 1
+         WHERE id = ? AND lease_owner = ? AND status = 'pending'
+         RETURNING attempts",
+    )
+    .bind(delivery_id)
+    .bind(owner)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let n = n.ok_or(StoreError::LeaseLost)?;
+
+    sqlx::query(
+        "INSERT INTO delivery_attempts (delivery_id, n, started_at, duration_ms,
+                                        status_code, error_kind, error_message)
+         VALUES (?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(delivery_id)
+    .bind(n)
+    .bind(attempt.started_at)
+    .bind(attempt.duration_ms)
+    .bind(attempt.status_code)
+    .bind(&attempt.error_kind)
+    .bind(&attempt.error_message)
+    .execute(&mut *tx)
+    .await?;
+
+    let (status, next_at, completed_at) = match next {
+        NextStep::Succeeded => ("succeeded", None, Some(now_ms())),
+        NextStep::Failed => ("failed", None, Some(now_ms())),
+        NextStep::RetryAt(at) => ("pending", Some(at), None),
+    };
+    let last_error = attempt
+        .error_message
+        .as_ref()
+        .or(attempt.error_kind.as_ref());
+    sqlx::query(
+        "UPDATE deliveries
+         SET status = ?, next_attempt_at = ?, completed_at = ?, last_status_code = ?,
+             last_error = ?, lease_owner = NULL, lease_until = NULL
+         WHERE id = ?",
+    )
+    .bind(status)
+    .bind(next_at)
+    .bind(completed_at)
+    .bind(attempt.status_code)
+    .bind(last_error)
+    .bind(delivery_id)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
