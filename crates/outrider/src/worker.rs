@@ -52,7 +52,7 @@ impl Workers {
     /// The claim loop: one permit per running session.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let permits = Arc::new(Semaphore::new(self.config.concurrency));
-        loop {
+        while !*shutdown.borrow() {
             let permit = tokio::select! {
                 permit = permits.clone().acquire_owned() => permit.expect("semaphore is never closed"),
                 _ = shutdown.changed() => break,
@@ -93,7 +93,7 @@ impl Workers {
 
     /// Runs one claimed session to its end, keeping its lease meanwhile.
     async fn process(&self, session: Session) {
-        tracing::info!(claims = session.claims, "session started");
+        tracing::debug!(claims = session.claims, "session started");
         let control = Arc::new(Control::default());
         let keeper = tokio::spawn(self.keep_lease(session.id.clone(), control.clone()));
 

@@ -237,3 +237,41 @@ fn good_settings_start_the_server() {
         "{stdout}"
     );
 }
+
+#[test]
+fn sigterm_stops_the_server_promptly_and_cleanly() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut child = outrider()
+        .arg("serve")
+        .args(["--database-url", &database_url(dir.path())])
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn outrider serve");
+    let mut line = String::new();
+    let stdout = child.stdout.take().expect("piped stdout");
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)
+        .expect("read the listen line");
+    assert!(line.starts_with("outrider listening on"), "{line}");
+    // Long enough for the workers to go idle on an empty queue.
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(term.success());
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("poll the child") {
+            break status;
+        }
+        if started.elapsed() > STARTUP {
+            let _ = child.kill();
+            panic!("the server was still running {STARTUP:?} after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+}

@@ -172,7 +172,7 @@ pub async fn interact(
     let session_id = match state.store.create_session(new).await? {
         Created::New(id) => {
             state.work_ready.notify_one();
-            tracing::info!(session.id = %id, agent.id = %agent_id, "session queued");
+            tracing::debug!(session.id = %id, agent.id = %agent_id, "session queued");
             id
         }
         Created::Existing(id) => id,
