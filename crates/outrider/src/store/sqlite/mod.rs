@@ -30,7 +30,7 @@ use rows::{
 use writes::{Write, WriteRequest, Written, MAX_BATCH};
 
 /// How often the WAL is checkpointed.
-const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
 /// The SQLite implementation of [`Store`].
 pub struct SqliteStore {
@@ -79,12 +79,13 @@ impl SqliteStore {
     }
 }
 
-/// Copies the WAL into the database file every second.
+/// Copies the WAL into the database file ten times a second.
 ///
 /// A passive checkpoint never blocks writers. SQLite still checkpoints from
 /// the writer once the WAL passes 1,000 pages (which is what lets the WAL
-/// start over), but by then most pages have been copied here, so commits
-/// (and the `202`s waiting on them) stall less.
+/// start over), but by then most pages have been copied here. Small,
+/// frequent checkpoints keep each fsync of the database file short, so the
+/// WAL fsyncs that commits (and the `202`s waiting on them) need stall less.
 async fn checkpoint_periodically(pool: SqlitePool) {
     let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
     loop {

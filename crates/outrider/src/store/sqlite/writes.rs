@@ -21,6 +21,9 @@ use crate::store::{
 /// How many writes one commit may carry.
 pub const MAX_BATCH: usize = 512;
 
+/// A commit slower than this is logged: every waiting caller felt it.
+const SLOW_BATCH: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// A write waiting for the next commit.
 #[derive(Debug)]
 pub enum Write {
@@ -74,7 +77,17 @@ pub type WriteRequest = (Write, oneshot::Sender<Result<Written>>);
 pub async fn commit_batches(writer: SqlitePool, mut queue: mpsc::Receiver<WriteRequest>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        match apply_batch(&writer, &batch).await {
+        let started = std::time::Instant::now();
+        let applied = apply_batch(&writer, &batch).await;
+        let took = started.elapsed();
+        if took > SLOW_BATCH {
+            tracing::warn!(
+                size = batch.len(),
+                took_ms = took.as_millis() as u64,
+                "slow commit"
+            );
+        }
+        match applied {
             Ok(results) => {
                 for ((_, reply), result) in batch.drain(..).zip(results) {
                     let _ = reply.send(result);
