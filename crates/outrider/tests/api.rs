@@ -7,6 +7,8 @@ use reqwest::header::{HeaderMap, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use reqwest::Method;
 use serde_json::{json, Value};
 use std::collections::HashSet;
+use std::time::Duration;
+use support::model::{FakeModel, ModelReply};
 use support::server::Server;
 
 const HOOK: &str = "https://example.com/hook";
@@ -1217,4 +1219,105 @@ async fn a_wrong_method_on_a_known_route_answers_405_with_a_json_error() {
             answer.body
         );
     }
+}
+
+/// Reads a server-sent event stream to its end and returns its events as
+/// (id, event, data) triples.
+async fn read_stream(
+    server: &Server,
+    key: &str,
+    path: &str,
+    last_id: Option<&str>,
+) -> Vec<(String, String, Value)> {
+    let mut request = server
+        .http
+        .get(server.url(path))
+        .bearer_auth(key)
+        .header("Accept", "text/event-stream");
+    if let Some(id) = last_id {
+        request = request.header("Last-Event-ID", id);
+    }
+    let mut response = request.send().await.expect("stream request");
+    assert_eq!(response.status(), 200);
+    let content_type = response.headers()["content-type"].to_str().expect("ascii");
+    assert!(
+        content_type.starts_with("text/event-stream"),
+        "{content_type}"
+    );
+
+    let mut text = String::new();
+    let read = async {
+        while let Some(chunk) = response.chunk().await.expect("stream chunk") {
+            text.push_str(std::str::from_utf8(&chunk).expect("utf-8"));
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), read)
+        .await
+        .expect("the stream ends");
+    text.split("\n\n")
+        .filter(|block| block.contains("data:"))
+        .map(|block| {
+            let field = |name: &str| {
+                block
+                    .lines()
+                    .find_map(|line| line.strip_prefix(name))
+                    .map(|v| v.trim().to_owned())
+                    .unwrap_or_default()
+            };
+            let data = serde_json::from_str(&field("data:")).expect("data is JSON");
+            (field("id:"), field("event:"), data)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn events_stream_live_until_the_session_ends_and_resume_after_last_event_id() {
+    let slow = |reply| ModelReply::Delayed(Duration::from_millis(700), Box::new(reply));
+    let model = FakeModel::start(vec![
+        slow(ModelReply::ToolCall {
+            name: "echo".into(),
+            arguments: json!({"text": "x"}),
+        }),
+        slow(ModelReply::Text("done".into())),
+    ])
+    .await;
+    let server = Server::start(&["--openai-base-url", &model.base_url()]);
+    let org = server.org("acme");
+    let spec = json!({"name": "slow", "model": "m", "tools": ["echo"]});
+    let agent = server.agent(&org.api_key, spec).await;
+    let (status, body) = server
+        .post(
+            &format!("/v1/agents/{agent}/interact"),
+            &org.api_key,
+            json!({"message": "hi", "callback_url": "https://example.com/h"}),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let path = format!(
+        "/v1/agent-sessions/{}/events",
+        body["session_id"].as_str().expect("id")
+    );
+
+    // Opened while the first model call is still running.
+    let events = read_stream(&server, &org.api_key, &path, None).await;
+    let ids: Vec<String> = events.iter().map(|(id, _, _)| id.clone()).collect();
+    let kinds: Vec<&str> = events.iter().map(|(_, kind, _)| kind.as_str()).collect();
+    assert_eq!(ids, ["1", "2", "3", "4", "5", "6"]);
+    assert_eq!(
+        kinds,
+        [
+            "session_start",
+            "llm_call",
+            "tool_call",
+            "llm_call",
+            "message",
+            "session_end"
+        ]
+    );
+    assert_eq!(events[5].2["type"], json!("session_end"));
+    assert_eq!(events[5].2["seq"], json!(6));
+
+    let resumed = read_stream(&server, &org.api_key, &path, Some("4")).await;
+    let ids: Vec<&str> = resumed.iter().map(|(id, _, _)| id.as_str()).collect();
+    assert_eq!(ids, ["5", "6"]);
 }

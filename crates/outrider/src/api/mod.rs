@@ -7,6 +7,7 @@ mod agents;
 mod auth;
 mod error;
 mod sessions;
+mod stream;
 
 pub use auth::{generate_signing_secret, hash_key_secret, ApiKeyParts};
 pub use error::{ApiError, ApiResult};

@@ -2,6 +2,7 @@
 
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -9,6 +10,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use super::auth::Org;
+use super::stream;
 use super::{page_limit, ApiError, ApiResult, AppState, JsonBody, JsonResponse};
 use crate::domain::{new_id, now_ms, rfc3339, Event, InputMessage, Role, Session, SessionStatus};
 use crate::store::{CancelResult, Created, DeliveryState, NewSession, Outcome};
@@ -265,12 +267,15 @@ pub async fn events(
     State(state): State<AppState>,
     org: Org,
     Path(session_id): Path<String>,
+    headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     let limit = page_limit(query.get("limit").map(String::as_str), 100, 1000)?;
-    let after = match query.get("after") {
+    let resume = headers.get("last-event-id").and_then(|v| v.to_str().ok());
+    let after = match resume.or(query.get("after").map(String::as_str)) {
         None => 0,
         Some(raw) => raw
+            .trim()
             .parse::<i64>()
             .ok()
             .filter(|after| *after >= 0)
@@ -279,6 +284,9 @@ pub async fn events(
     if state.store.session(&org.id, &session_id).await?.is_none() {
         return Err(ApiError::NotFound("session"));
     }
+    if wants_stream(&headers) {
+        return Ok(stream::events(state.store.clone(), session_id, after).into_response());
+    }
 
     // One extra row says whether another page follows.
     let mut events = state.store.events(&session_id, after, limit + 1).await?;
@@ -286,12 +294,20 @@ pub async fn events(
     events.truncate(limit as usize);
     let next_cursor = more.then(|| events.last().map(|e| e.seq)).flatten();
     let events: Vec<Value> = events.iter().map(event_json).collect();
-    Ok(Json(
-        json!({ "events": events, "next_cursor": next_cursor }),
-    ))
+    let body = json!({ "events": events, "next_cursor": next_cursor });
+    Ok(Json(body).into_response())
 }
 
-fn event_json(event: &Event) -> Value {
+fn wants_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(axum::http::header::ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .any(|value| value.contains("text/event-stream"))
+}
+
+/// An event as both the paged and the streamed endpoint send it.
+pub fn event_json(event: &Event) -> Value {
     json!({
         "seq": event.seq,
         "type": event.kind,
