@@ -415,3 +415,35 @@ async fn private_and_plain_http_callback_urls_are_refused_at_accept() {
     let (_, events) = server.get("/v1/agents", &org.api_key).await;
     assert_eq!(events["agents"].as_array().map(Vec::len), Some(1));
 }
+
+#[tokio::test]
+async fn a_429_is_retried_no_sooner_than_its_retry_after() {
+    let busy = Reply::WithHeaders(429, vec![("retry-after", "3".to_owned())]);
+    let receiver = Receiver::start(vec![busy, Reply::Status(408)]).await;
+    let server = server_for(&receiver, &[]);
+    let org = server.org("acme");
+    let agent = server.echo_agent(&org.api_key, "done").await;
+
+    let request = json!({"message": "go", "callback_url": receiver.url("/hook")});
+    let session = interact(&server, &org.api_key, &agent, request).await;
+    let requests = receiver.wait_for(3, WAIT).await;
+
+    let waited = requests[1]
+        .at
+        .duration_since(requests[0].at)
+        .expect("in order");
+    assert!(
+        waited >= Duration::from_millis(2900),
+        "retried after {waited:?}"
+    );
+    let state = server
+        .wait_session(&org.api_key, &session, WAIT, |s| {
+            s["callback"]["status"] == "succeeded"
+        })
+        .await;
+    assert_eq!(
+        state["callback"]["attempts"],
+        json!(3),
+        "the 408 was retried too"
+    );
+}
