@@ -87,7 +87,7 @@ pub struct ServeConfig {
 
     /// How long a claimed session stays claimed without renewal; a crashed
     /// worker's sessions are taken over after this.
-    #[arg(long, env = "OUTRIDER_LEASE", default_value = "30s", value_parser = parse_lease)]
+    #[arg(long, env = "OUTRIDER_LEASE", default_value = "10s", value_parser = parse_lease)]
     pub lease: Duration,
 
     /// How long an interaction without `callback_url` waits for its result.

@@ -447,3 +447,20 @@ async fn a_429_is_retried_no_sooner_than_its_retry_after() {
         "the 408 was retried too"
     );
 }
+
+#[tokio::test]
+async fn a_self_signed_receiver_is_trusted_through_the_ca_file() {
+    let receiver = Receiver::start_self_signed(vec![]).await;
+    let server = server_for(&receiver, &[]);
+    let org = server.org("acme");
+    let agent = server.echo_agent(&org.api_key, "done").await;
+
+    for url in [receiver.url("/by-name"), receiver.ip_url("/by-ip")] {
+        let request = json!({"message": "go", "callback_url": url});
+        interact(&server, &org.api_key, &agent, request).await;
+    }
+    let requests = receiver.wait_for(2, WAIT).await;
+    for request in &requests {
+        assert_signed(request, &org.signing_secret);
+    }
+}

@@ -79,7 +79,17 @@ impl Receiver {
     /// Binds 127.0.0.1:0 with TLS. Replies are used in order, one per request; once
     /// exhausted every request gets 200 with body "ok".
     pub async fn start(replies: Vec<Reply>) -> Receiver {
-        let certs = Certificates::generate();
+        Self::start_with(Certificates::generate(), replies).await
+    }
+
+    /// Like [`Receiver::start`], but the server certificate is self-signed
+    /// (no CA), and [`Receiver::ca_file`] holds that certificate itself, as
+    /// `rcgen::generate_simple_self_signed` users would set it up.
+    pub async fn start_self_signed(replies: Vec<Reply>) -> Receiver {
+        Self::start_with(Certificates::self_signed(), replies).await
+    }
+
+    async fn start_with(certs: Certificates, replies: Vec<Reply>) -> Receiver {
         let dir = tempfile::tempdir().expect("create a temporary directory for the CA file");
         let ca_file = dir.path().join("ca.pem");
         std::fs::write(&ca_file, &certs.ca_pem).expect("write the CA certificate file");
@@ -206,6 +216,16 @@ impl Certificates {
             ca_pem,
             server_cert: cert.der().clone(),
             server_key: PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+        }
+    }
+
+    fn self_signed() -> Certificates {
+        let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+        let certified = rcgen::generate_simple_self_signed(names).expect("self-signed certificate");
+        Certificates {
+            ca_pem: certified.cert.pem(),
+            server_cert: certified.cert.der().clone(),
+            server_key: PrivatePkcs8KeyDer::from(certified.signing_key.serialize_der()).into(),
         }
     }
 
