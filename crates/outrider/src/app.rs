@@ -76,7 +76,7 @@ impl Application {
                     },
                     owner,
                     work_ready: work_ready.clone(),
-                    delivery_ready,
+                    delivery_ready: delivery_ready.clone(),
                     finished: finished.clone(),
                 }))
             })
@@ -88,6 +88,7 @@ impl Application {
             public_url,
             sync_timeout: config.sync_timeout,
             work_ready,
+            delivery_ready,
             finished,
             callback_deadline: config.callback_deadline,
         };

@@ -3,11 +3,11 @@
 use clap::{Parser, Subcommand};
 use serde_json::json;
 
-use crate::api::{generate_signing_secret, ApiKeyParts};
+use crate::api::{attempt_json, delivery_json, generate_signing_secret, ApiKeyParts};
 use crate::app::Application;
 use crate::config::{DatabaseConfig, ServeConfig};
-use crate::domain::new_id;
-use crate::store::{self, NewOrg};
+use crate::domain::{new_id, now_ms};
+use crate::store::{self, NewOrg, Redelivery};
 
 /// Outrider: runs AI agents on request and reports back with signed callbacks.
 #[derive(Debug, Parser)]
@@ -24,6 +24,46 @@ pub enum Command {
     /// Manage organisations.
     #[command(subcommand)]
     Org(OrgCommand),
+    /// Inspect and redeliver callbacks.
+    #[command(subcommand)]
+    Callbacks(CallbacksCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CallbacksCommand {
+    /// List callbacks, oldest first, as JSON lines.
+    List {
+        /// Only callbacks with this status.
+        #[arg(long, value_parser = ["pending", "succeeded", "failed"])]
+        status: Option<String>,
+        /// Only callbacks of this organisation.
+        #[arg(long)]
+        org: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Start after this callback_event_id.
+        #[arg(long)]
+        after: Option<String>,
+        #[command(flatten)]
+        database: DatabaseConfig,
+    },
+    /// Show one callback and every attempt, as JSON.
+    Show {
+        /// The callback_event_id.
+        id: String,
+        #[command(flatten)]
+        database: DatabaseConfig,
+    },
+    /// Send a callback again: same id and body, new attempts, fresh signatures.
+    Redeliver {
+        /// The callback_event_id.
+        id: String,
+        /// How long the new round of retries may last.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        deadline: std::time::Duration,
+        #[command(flatten)]
+        database: DatabaseConfig,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -49,6 +89,7 @@ impl Cli {
                 json,
                 database,
             }) => create_org(&name, json, &database).await,
+            Command::Callbacks(command) => callbacks(command).await,
         }
     }
 }
@@ -101,6 +142,49 @@ async fn create_org(name: &str, as_json: bool, database: &DatabaseConfig) -> any
         println!("api key:        {}", key.key);
         println!("signing secret: {}", org.signing_secret);
         println!("Both are shown only now; keep them somewhere safe.");
+    }
+    Ok(())
+}
+
+async fn callbacks(command: CallbacksCommand) -> anyhow::Result<()> {
+    match command {
+        CallbacksCommand::List {
+            status,
+            org,
+            limit,
+            after,
+            database,
+        } => {
+            let store = store::open(&database.database_url).await?;
+            let page = store
+                .deliveries(org.as_deref(), status.as_deref(), after.as_deref(), limit)
+                .await?;
+            for delivery in &page {
+                println!("{}", delivery_json(delivery));
+            }
+        }
+        CallbacksCommand::Show { id, database } => {
+            let store = store::open(&database.database_url).await?;
+            let delivery = store.delivery(None, &id).await?;
+            let delivery = delivery.ok_or_else(|| anyhow::anyhow!("no callback {id}"))?;
+            let mut body = delivery_json(&delivery);
+            let attempts = store.attempts(&delivery.id).await?;
+            body["attempt_log"] = attempts.iter().map(attempt_json).collect();
+            println!("{}", serde_json::to_string_pretty(&body)?);
+        }
+        CallbacksCommand::Redeliver {
+            id,
+            deadline,
+            database,
+        } => {
+            let store = store::open(&database.database_url).await?;
+            let deadline_at = now_ms() + deadline.as_millis() as i64;
+            match store.redeliver(None, &id, deadline_at).await? {
+                Redelivery::Queued(delivery) => println!("{}", delivery_json(&delivery)),
+                Redelivery::StillPending => anyhow::bail!("callback {id} is still pending"),
+                Redelivery::NotFound => anyhow::bail!("no callback {id}"),
+            }
+        }
     }
     Ok(())
 }

@@ -464,3 +464,108 @@ async fn a_self_signed_receiver_is_trusted_through_the_ca_file() {
         assert_signed(request, &org.signing_secret);
     }
 }
+
+#[tokio::test]
+async fn an_operator_sees_every_attempt_and_redelivers_a_failed_callback() {
+    let receiver = Receiver::start(vec![Reply::Status(400)]).await;
+    let server = server_for(&receiver, &[]);
+    let org = server.org("acme");
+    let agent = server.echo_agent(&org.api_key, "done").await;
+    let request = json!({"message": "go", "callback_url": receiver.url("/hook")});
+    let session = interact(&server, &org.api_key, &agent, request).await;
+    server
+        .wait_session(&org.api_key, &session, WAIT, |s| {
+            s["callback"]["status"] == "failed"
+        })
+        .await;
+
+    let (status, failed) = server
+        .get("/v1/callbacks?status=failed", &org.api_key)
+        .await;
+    assert_eq!(status, 200, "{failed}");
+    let listed = failed["callbacks"].as_array().expect("callbacks");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["session_id"], json!(session));
+    let id = listed[0]["callback_event_id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let (_, pending) = server
+        .get("/v1/callbacks?status=pending", &org.api_key)
+        .await;
+    assert_eq!(pending["callbacks"], json!([]));
+    let (status, _) = server.get("/v1/callbacks?status=lost", &org.api_key).await;
+    assert_eq!(status, 400);
+
+    // Another organisation can neither see nor redeliver it.
+    let other = server.org("other");
+    let (_, theirs) = server.get("/v1/callbacks", &other.api_key).await;
+    assert_eq!(theirs["callbacks"], json!([]));
+    let redeliver = format!("/v1/callbacks/{id}/redeliver");
+    assert_eq!(
+        server.post(&redeliver, &other.api_key, json!({})).await.0,
+        404
+    );
+
+    let (status, queued) = server.post(&redeliver, &org.api_key, json!({})).await;
+    assert_eq!(status, 202, "{queued}");
+    assert_eq!(queued["status"], json!("pending"));
+    let requests = receiver.wait_for(2, WAIT).await;
+    assert_eq!(requests[1].body, requests[0].body, "the same id and bytes");
+    assert_signed(&requests[1], &org.signing_secret);
+
+    let path = format!("/v1/agent-sessions/{session}/callback");
+    let log = tokio::time::timeout(WAIT, async {
+        loop {
+            let (_, callback) = server.get(&path, &org.api_key).await;
+            if callback["status"] == "succeeded" {
+                return callback;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the redelivery succeeds");
+    let attempts = log["attempt_log"].as_array().expect("attempt_log");
+    let codes: Vec<&Value> = attempts.iter().map(|a| &a["status_code"]).collect();
+    assert_eq!(codes, [&json!(400), &json!(200)]);
+    assert_eq!(attempts[1]["n"], json!(2));
+    assert!(attempts[0]["duration_ms"].is_u64());
+}
+
+#[tokio::test]
+async fn the_cli_lists_shows_and_redelivers_failed_callbacks() {
+    let receiver = Receiver::start(vec![Reply::Status(422)]).await;
+    let server = server_for(&receiver, &[]);
+    let org = server.org("acme");
+    let agent = server.echo_agent(&org.api_key, "done").await;
+    let request = json!({"message": "go", "callback_url": receiver.url("/hook")});
+    let session = interact(&server, &org.api_key, &agent, request).await;
+    server
+        .wait_session(&org.api_key, &session, WAIT, |s| {
+            s["callback"]["status"] == "failed"
+        })
+        .await;
+
+    let cli = |args: &[&str]| {
+        let output = std::process::Command::new(support::server::binary())
+            .args(args)
+            .args(["--database-url", &server.database_url()])
+            .output()
+            .expect("run outrider");
+        assert!(output.status.success(), "{args:?}: {output:?}");
+        String::from_utf8(output.stdout).expect("utf-8")
+    };
+    let listed = cli(&["callbacks", "list", "--status", "failed"]);
+    let line: Value = serde_json::from_str(listed.trim()).expect("one JSON line");
+    assert_eq!(line["session_id"], json!(session));
+    let id = line["callback_event_id"].as_str().expect("id").to_owned();
+
+    let shown: Value = serde_json::from_str(&cli(&["callbacks", "show", &id])).expect("JSON");
+    assert_eq!(shown["attempt_log"][0]["status_code"], json!(422));
+
+    cli(&["callbacks", "redeliver", &id]);
+    let requests = receiver.wait_for(2, WAIT).await;
+    assert_eq!(requests[1].body, requests[0].body);
+    assert_signed(&requests[1], &org.signing_secret);
+}

@@ -5,11 +5,13 @@
 
 mod agents;
 mod auth;
+mod callbacks;
 mod error;
 mod sessions;
 mod stream;
 
 pub use auth::{generate_signing_secret, hash_key_secret, ApiKeyParts};
+pub use callbacks::{attempt_json, delivery_json};
 pub use error::{ApiError, ApiResult};
 
 use axum::extract::rejection::BytesRejection;
@@ -39,6 +41,8 @@ pub struct AppState {
     pub sync_timeout: Duration,
     /// Wakes the workers when a session is queued.
     pub work_ready: Arc<Notify>,
+    /// Wakes the dispatcher when a delivery is due at once.
+    pub delivery_ready: Arc<Notify>,
     /// Announces sessions that reached a terminal state in this process.
     pub finished: broadcast::Sender<String>,
     /// Callback deadline, used when a queued session is cancelled.
@@ -72,6 +76,15 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/v1/agent-sessions/{session_id}/cancel",
             post(sessions::cancel),
+        )
+        .route(
+            "/v1/agent-sessions/{session_id}/callback",
+            get(callbacks::for_session),
+        )
+        .route("/v1/callbacks", get(callbacks::list))
+        .route(
+            "/v1/callbacks/{callback_id}/redeliver",
+            post(callbacks::redeliver),
         )
         .fallback(|| async { ApiError::NotFound("route") })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })

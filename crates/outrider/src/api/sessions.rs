@@ -10,10 +10,11 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use super::auth::Org;
+use super::callbacks::delivery_json;
 use super::stream;
 use super::{page_limit, ApiError, ApiResult, AppState, JsonBody, JsonResponse};
 use crate::domain::{new_id, now_ms, rfc3339, Event, InputMessage, Role, Session, SessionStatus};
-use crate::store::{CancelResult, Created, DeliveryState, NewSession, Outcome};
+use crate::store::{CancelResult, Created, NewSession, Outcome};
 use crate::worker;
 
 /// Bounds on an interaction request.
@@ -247,20 +248,6 @@ pub async fn show(
     body["callback_url"] = json!(session.callback_url);
     body["callback"] = delivery.as_ref().map_or(Value::Null, delivery_json);
     Ok(Json(body))
-}
-
-fn delivery_json(delivery: &DeliveryState) -> Value {
-    json!({
-        "callback_event_id": delivery.id,
-        "url": delivery.url,
-        "status": delivery.status,
-        "attempts": delivery.attempts,
-        "next_attempt_at": delivery.next_attempt_at.map(rfc3339),
-        "last_status_code": delivery.last_status_code,
-        "last_error": delivery.last_error,
-        "created_at": rfc3339(delivery.created_at),
-        "completed_at": delivery.completed_at.map(rfc3339),
-    })
 }
 
 pub async fn events(

@@ -121,10 +121,12 @@ impl Dispatcher {
         };
 
         let attempts = delivery.attempts + 1;
+        // A redelivery starts the schedule again.
+        let in_round = attempts - delivery.round_start;
         let verdict = verdict(&result);
         let next = self
             .policy
-            .next_step(attempts, verdict, now_ms(), delivery.deadline_at);
+            .next_step(in_round, verdict, now_ms(), delivery.deadline_at);
         log_attempt(&result, attempts, next);
 
         let record = AttemptRecord {

@@ -125,6 +125,8 @@ pub struct Delivery {
     pub body: Vec<u8>,
     /// Attempts made before this one.
     pub attempts: u32,
+    /// Attempts made before the current round (a redelivery starts one).
+    pub round_start: u32,
     pub created_at: Millis,
     pub deadline_at: Millis,
 }
@@ -151,6 +153,7 @@ pub enum NextStep {
 #[derive(Debug, Clone)]
 pub struct DeliveryState {
     pub id: String,
+    pub session_id: String,
     pub url: String,
     pub status: String,
     pub attempts: u32,
@@ -159,6 +162,23 @@ pub struct DeliveryState {
     pub last_error: Option<String>,
     pub created_at: Millis,
     pub completed_at: Option<Millis>,
+}
+
+/// One recorded delivery attempt, as operators read it.
+#[derive(Debug, Clone)]
+pub struct AttemptState {
+    pub n: u32,
+    pub record: AttemptRecord,
+}
+
+/// The answer to a redelivery request.
+#[derive(Debug, Clone)]
+pub enum Redelivery {
+    /// The delivery is pending again, due now.
+    Queued(DeliveryState),
+    /// It is still being delivered: nothing to do.
+    StillPending,
+    NotFound,
 }
 
 /// What a lease renewal learned.
@@ -234,4 +254,22 @@ pub trait Store: Send + Sync + 'static {
         next: NextStep,
     ) -> Result<()>;
     async fn delivery_for_session(&self, session_id: &str) -> Result<Option<DeliveryState>>;
+    async fn delivery(&self, org_id: Option<&str>, id: &str) -> Result<Option<DeliveryState>>;
+    async fn attempts(&self, delivery_id: &str) -> Result<Vec<AttemptState>>;
+    /// Deliveries by id, optionally of one organisation and one status.
+    async fn deliveries(
+        &self,
+        org_id: Option<&str>,
+        status: Option<&str>,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<DeliveryState>>;
+    /// Makes an ended delivery due again, with the same id and body, a new
+    /// round of the retry schedule and a new deadline.
+    async fn redeliver(
+        &self,
+        org_id: Option<&str>,
+        id: &str,
+        deadline_at: Millis,
+    ) -> Result<Redelivery>;
 }

@@ -19,13 +19,13 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    ApiKey, AttemptRecord, CancelResult, Created, Delivery, DeliveryState, Finish, NewOrg,
-    NewSession, NextStep, Renewal, Result, Store, StoreError,
+    ApiKey, AttemptRecord, AttemptState, CancelResult, Created, Delivery, DeliveryState, Finish,
+    NewOrg, NewSession, NextStep, Redelivery, Renewal, Result, Store, StoreError,
 };
 use crate::domain::{now_ms, Agent, Event, EventKind, Millis, Session, SessionStatus};
 use rows::{
-    agent_from_row, delivery_state_from_row, event_from_row, parse_status, session_from_row,
-    to_json,
+    agent_from_row, attempt_from_row, delivery_state_from_row, event_from_row, parse_status,
+    session_from_row, to_json,
 };
 use writes::{Write, WriteRequest, Written, MAX_BATCH};
 
@@ -378,6 +378,75 @@ impl Store for SqliteStore {
             .fetch_optional(&self.reader)
             .await?;
         row.as_ref().map(delivery_state_from_row).transpose()
+    }
+
+    async fn delivery(&self, org_id: Option<&str>, id: &str) -> Result<Option<DeliveryState>> {
+        let row =
+            sqlx::query("SELECT * FROM deliveries WHERE id = ?1 AND (?2 IS NULL OR org_id = ?2)")
+                .bind(id)
+                .bind(org_id)
+                .fetch_optional(&self.reader)
+                .await?;
+        row.as_ref().map(delivery_state_from_row).transpose()
+    }
+
+    async fn attempts(&self, delivery_id: &str) -> Result<Vec<AttemptState>> {
+        let rows = sqlx::query("SELECT * FROM delivery_attempts WHERE delivery_id = ? ORDER BY n")
+            .bind(delivery_id)
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter().map(attempt_from_row).collect()
+    }
+
+    async fn deliveries(
+        &self,
+        org_id: Option<&str>,
+        status: Option<&str>,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<DeliveryState>> {
+        let rows = sqlx::query(
+            "SELECT * FROM deliveries
+             WHERE (?1 IS NULL OR org_id = ?1) AND (?2 IS NULL OR status = ?2) AND id > ?3
+             ORDER BY id LIMIT ?4",
+        )
+        .bind(org_id)
+        .bind(status)
+        .bind(after.unwrap_or(""))
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(delivery_state_from_row).collect()
+    }
+
+    async fn redeliver(
+        &self,
+        org_id: Option<&str>,
+        id: &str,
+        deadline_at: Millis,
+    ) -> Result<Redelivery> {
+        let mut tx = self.writer.begin().await?;
+        let row = sqlx::query(
+            "UPDATE deliveries
+             SET status = 'pending', next_attempt_at = ?1, deadline_at = ?2,
+                 round_start = attempts, completed_at = NULL,
+                 lease_owner = NULL, lease_until = NULL
+             WHERE id = ?3 AND (?4 IS NULL OR org_id = ?4) AND status != 'pending'
+             RETURNING *",
+        )
+        .bind(now_ms())
+        .bind(deadline_at)
+        .bind(id)
+        .bind(org_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let result = match row {
+            Some(row) => Redelivery::Queued(delivery_state_from_row(&row)?),
+            None if self.delivery(org_id, id).await?.is_some() => Redelivery::StillPending,
+            None => Redelivery::NotFound,
+        };
+        tx.commit().await?;
+        Ok(result)
     }
 }
 

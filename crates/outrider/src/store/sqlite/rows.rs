@@ -4,7 +4,7 @@ use sqlx::sqlite::SqliteRow;
 use sqlx::Row;
 
 use crate::domain::{Agent, AgentSpec, Event, EventKind, Session, SessionError, SessionStatus};
-use crate::store::{Delivery, DeliveryState, Result, StoreError};
+use crate::store::{AttemptRecord, AttemptState, Delivery, DeliveryState, Result, StoreError};
 
 pub fn to_json<T: serde::Serialize + ?Sized>(value: &T) -> String {
     serde_json::to_string(value).expect("domain values always serialise")
@@ -76,6 +76,7 @@ pub fn delivery_from_row(row: &SqliteRow) -> Result<Delivery> {
         url: row.try_get("url")?,
         body: row.try_get("body")?,
         attempts: row.try_get("attempts")?,
+        round_start: row.try_get("round_start")?,
         created_at: row.try_get("created_at")?,
         deadline_at: row.try_get("deadline_at")?,
     })
@@ -84,6 +85,7 @@ pub fn delivery_from_row(row: &SqliteRow) -> Result<Delivery> {
 pub fn delivery_state_from_row(row: &SqliteRow) -> Result<DeliveryState> {
     Ok(DeliveryState {
         id: row.try_get("id")?,
+        session_id: row.try_get("session_id")?,
         url: row.try_get("url")?,
         status: row.try_get("status")?,
         attempts: row.try_get("attempts")?,
@@ -92,5 +94,18 @@ pub fn delivery_state_from_row(row: &SqliteRow) -> Result<DeliveryState> {
         last_error: row.try_get("last_error")?,
         created_at: row.try_get("created_at")?,
         completed_at: row.try_get("completed_at")?,
+    })
+}
+
+pub fn attempt_from_row(row: &SqliteRow) -> Result<AttemptState> {
+    Ok(AttemptState {
+        n: row.try_get("n")?,
+        record: AttemptRecord {
+            started_at: row.try_get("started_at")?,
+            duration_ms: row.try_get("duration_ms")?,
+            status_code: row.try_get("status_code")?,
+            error_kind: row.try_get("error_kind")?,
+            error_message: row.try_get("error_message")?,
+        },
     })
 }

@@ -373,7 +373,8 @@ async fn claim_deliveries(
                       WHERE status = 'pending' AND next_attempt_at <= ?3
                         AND (lease_until IS NULL OR lease_until < ?3)
                       ORDER BY next_attempt_at LIMIT ?4)
-         RETURNING id, session_id, org_id, url, body, attempts, created_at, deadline_at",
+         RETURNING id, session_id, org_id, url, body, attempts, round_start, created_at,
+                   deadline_at",
     )
     .bind(owner)
     .bind(now + lease_ms)

@@ -1,0 +1,115 @@
+//! Operator control over callbacks: a session's delivery with every
+//! attempt, deliveries by status, and redelivery.
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+
+use super::auth::Org;
+use super::{page_limit, ApiError, ApiResult, AppState, JsonResponse};
+use crate::domain::{now_ms, rfc3339};
+use crate::store::{AttemptState, DeliveryState, Redelivery};
+
+/// The statuses a delivery can have.
+const STATUSES: [&str; 3] = ["pending", "succeeded", "failed"];
+
+/// A delivery's state, as every endpoint shows it.
+pub fn delivery_json(delivery: &DeliveryState) -> Value {
+    json!({
+        "callback_event_id": delivery.id,
+        "session_id": delivery.session_id,
+        "url": delivery.url,
+        "status": delivery.status,
+        "attempts": delivery.attempts,
+        "next_attempt_at": delivery.next_attempt_at.map(rfc3339),
+        "last_status_code": delivery.last_status_code,
+        "last_error": delivery.last_error,
+        "created_at": rfc3339(delivery.created_at),
+        "completed_at": delivery.completed_at.map(rfc3339),
+    })
+}
+
+/// One attempt, as every endpoint shows it.
+pub fn attempt_json(attempt: &AttemptState) -> Value {
+    let record = &attempt.record;
+    json!({
+        "n": attempt.n,
+        "started_at": rfc3339(record.started_at),
+        "duration_ms": record.duration_ms,
+        "status_code": record.status_code,
+        "error_kind": record.error_kind,
+        "error_message": record.error_message,
+    })
+}
+
+/// `GET /v1/agent-sessions/{id}/callback`: the delivery and every attempt.
+pub async fn for_session(
+    State(state): State<AppState>,
+    org: Org,
+    Path(session_id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    if state.store.session(&org.id, &session_id).await?.is_none() {
+        return Err(ApiError::NotFound("session"));
+    }
+    let delivery = state.store.delivery_for_session(&session_id).await?;
+    let delivery = delivery.ok_or(ApiError::NotFound("callback"))?;
+    let attempts = state.store.attempts(&delivery.id).await?;
+
+    let mut body = delivery_json(&delivery);
+    body["attempt_log"] = attempts.iter().map(attempt_json).collect();
+    Ok(Json(body))
+}
+
+/// `GET /v1/callbacks?status=&limit=&after=`: deliveries by id.
+pub async fn list(
+    State(state): State<AppState>,
+    org: Org,
+    Query(query): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    let limit = page_limit(query.get("limit").map(String::as_str), 100, 1000)?;
+    let status = query.get("status").map(String::as_str);
+    if let Some(status) = status.filter(|s| !STATUSES.contains(s)) {
+        let message = format!("{status:?} is not one of pending, succeeded, failed");
+        return Err(ApiError::field("status", message));
+    }
+    let after = query.get("after").map(String::as_str);
+
+    // One extra row says whether another page follows.
+    let store = &state.store;
+    let mut page = store
+        .deliveries(Some(&org.id), status, after, limit + 1)
+        .await?;
+    let more = page.len() > limit as usize;
+    page.truncate(limit as usize);
+    let next_cursor = more.then(|| page.last().map(|d| d.id.clone())).flatten();
+    let callbacks: Vec<Value> = page.iter().map(delivery_json).collect();
+    Ok(Json(
+        json!({ "callbacks": callbacks, "next_cursor": next_cursor }),
+    ))
+}
+
+/// `POST /v1/callbacks/{id}/redeliver`: the same id and body, sent again.
+pub async fn redeliver(
+    State(state): State<AppState>,
+    org: Org,
+    Path(id): Path<String>,
+) -> ApiResult<JsonResponse> {
+    let deadline_at = now_ms() + state.callback_deadline.as_millis() as i64;
+    match state
+        .store
+        .redeliver(Some(&org.id), &id, deadline_at)
+        .await?
+    {
+        Redelivery::Queued(delivery) => {
+            state.delivery_ready.notify_one();
+            tracing::info!(delivery.id = %id, "callback queued for redelivery");
+            Ok((StatusCode::ACCEPTED, Json(delivery_json(&delivery))))
+        }
+        Redelivery::StillPending => Err(ApiError::Conflict(
+            "the callback is still being delivered".into(),
+        )),
+        Redelivery::NotFound => Err(ApiError::NotFound("callback")),
+    }
+}
