@@ -103,7 +103,7 @@ async fn checkpoint_periodically(pool: SqlitePool) {
 impl Store for SqliteStore {
     async fn create_org(&self, org: NewOrg) -> Result<()> {
         let now = now_ms();
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query("INSERT INTO orgs (id, name, created_at) VALUES (?, ?, ?)")
             .bind(&org.id)
             .bind(&org.name)
@@ -239,7 +239,7 @@ impl Store for SqliteStore {
     }
 
     async fn cancel_session(&self, org_id: &str, id: &str, finish: Finish) -> Result<CancelResult> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let status: Option<String> =
             sqlx::query_scalar("SELECT status FROM sessions WHERE org_id = ? AND id = ?")
                 .bind(org_id)
@@ -425,7 +425,7 @@ impl Store for SqliteStore {
         id: &str,
         deadline_at: Millis,
     ) -> Result<Redelivery> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let row = sqlx::query(
             "UPDATE deliveries
              SET status = 'pending', next_attempt_at = ?1, deadline_at = ?2,

@@ -105,7 +105,7 @@ pub async fn commit_batches(writer: SqlitePool, mut queue: mpsc::Receiver<WriteR
 }
 
 async fn apply_batch(writer: &SqlitePool, batch: &[WriteRequest]) -> Result<Vec<Result<Written>>> {
-    let mut tx = writer.begin().await?;
+    let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
     let mut results = Vec::with_capacity(batch.len());
     for (write, _) in batch {
         sqlx::query("SAVEPOINT write").execute(&mut *tx).await?;
