@@ -1321,3 +1321,28 @@ async fn events_stream_live_until_the_session_ends_and_resume_after_last_event_i
     let ids: Vec<&str> = resumed.iter().map(|(id, _, _)| id.as_str()).collect();
     assert_eq!(ids, ["5", "6"]);
 }
+
+#[tokio::test]
+async fn message_content_may_be_a_list_of_text_parts() {
+    let server = Server::start(&[]);
+    let key = server.org("acme").api_key;
+    let agent = server.echo_agent(&key, "ok").await;
+    let parts = json!([{"type": "text", "text": "first"}, {"type": "text", "text": "second"}]);
+    let request = json!({"messages": [{"role": "user", "content": parts}]});
+    let (status, body) = server.post(&interact_path(&agent), &key, request).await;
+    assert_eq!(status, 200, "{body}");
+
+    let path = format!(
+        "/v1/agent-sessions/{}/events",
+        body["session_id"].as_str().expect("id")
+    );
+    let (_, events) = server.get(&path, &key).await;
+    let input = &events["events"][0]["data"]["input"][0];
+    assert_eq!(input["content"], json!("first\nsecond"));
+
+    let image = json!([{"type": "image_url", "text": "x"}]);
+    let request = json!({"messages": [{"role": "user", "content": image}]});
+    let (status, body) = server.post(&interact_path(&agent), &key, request).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["field"], json!("messages[0].content"));
+}

@@ -36,7 +36,41 @@ pub struct InteractRequest {
 #[derive(Debug, Deserialize)]
 struct RawMessage {
     role: Role,
-    content: String,
+    content: Content,
+}
+
+/// Message content: a string, or a list of text parts as chat APIs send it.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<TextPart>),
+}
+
+#[derive(Debug, Deserialize)]
+struct TextPart {
+    #[serde(rename = "type")]
+    kind: String,
+    text: String,
+}
+
+impl Content {
+    fn into_text(self, field: &str) -> ApiResult<String> {
+        match self {
+            Content::Text(text) => Ok(text),
+            Content::Parts(parts) => {
+                if let Some(part) = parts.iter().find(|part| part.kind != "text") {
+                    let message = format!("only text parts are supported, not {:?}", part.kind);
+                    return Err(ApiError::field(field, message));
+                }
+                Ok(parts
+                    .into_iter()
+                    .map(|part| part.text)
+                    .collect::<Vec<_>>()
+                    .join("\n"))
+            }
+        }
+    }
 }
 
 /// An interaction request after every check.
@@ -103,10 +137,12 @@ fn parse_messages(list: Vec<RawMessage>) -> ApiResult<Vec<InputMessage>> {
     list.into_iter()
         .enumerate()
         .map(|(i, raw)| {
-            check_content(&format!("messages[{i}].content"), &raw.content)?;
+            let field = format!("messages[{i}].content");
+            let content = raw.content.into_text(&field)?;
+            check_content(&field, &content)?;
             Ok(InputMessage {
                 role: raw.role,
-                content: raw.content,
+                content,
             })
         })
         .collect()
