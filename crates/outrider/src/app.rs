@@ -57,8 +57,10 @@ impl Application {
             policy: RetryPolicy::new(config.retry_schedule.clone()),
             owner: owner.clone(),
             concurrency: usize::from(config.delivery_concurrency),
+            per_destination: usize::from(config.delivery_per_destination),
             lease: config.callback_timeout + std::time::Duration::from_secs(10),
             ready: delivery_ready.clone(),
+            in_flight: Default::default(),
         });
 
         let workers = (config.workers > 0)

@@ -67,6 +67,12 @@ pub struct ServeConfig {
           value_parser = clap::value_parser!(u16).range(1..))]
     pub delivery_concurrency: u16,
 
+    /// Callback attempts in flight at once to one host and port, so a slow
+    /// receiver cannot hold every slot.
+    #[arg(long, env = "OUTRIDER_DELIVERY_PER_DESTINATION", default_value_t = 16,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub delivery_per_destination: u16,
+
     /// Base URL of an OpenAI-compatible chat-completions API.
     #[arg(long, env = "OUTRIDER_OPENAI_BASE_URL", default_value = "https://api.openai.com/v1",
           value_parser = parse_public_url)]

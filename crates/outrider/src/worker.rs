@@ -171,6 +171,18 @@ impl Workers {
     }
 }
 
+/// `host:port` of a callback URL: what per-destination limits count by.
+fn destination(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(url) => format!(
+            "{}:{}",
+            url.host_str().unwrap_or_default(),
+            url.port_or_known_default().unwrap_or(443)
+        ),
+        Err(_) => String::new(),
+    }
+}
+
 /// The callback body, in Scout's field order; fields are only ever added.
 #[derive(Serialize)]
 struct CallbackBody<'a> {
@@ -221,6 +233,7 @@ pub fn finish(
             body: serde_json::to_vec(&body).expect("callback bodies serialise"),
             id,
             url: url.clone(),
+            destination: destination(url),
             deadline_at: completed_at + callback_deadline.as_millis() as i64,
         }
     });

@@ -569,3 +569,50 @@ async fn the_cli_lists_shows_and_redelivers_failed_callbacks() {
     assert_eq!(requests[1].body, requests[0].body);
     assert_signed(&requests[1], &org.signing_secret);
 }
+
+#[tokio::test]
+async fn a_hanging_receiver_does_not_delay_callbacks_to_others() {
+    let hang = || Reply::Delay(Duration::from_secs(8), 200);
+    let hanging = Receiver::start((0..6).map(|_| hang()).collect()).await;
+    let healthy = Receiver::start(vec![]).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let both = dir.path().join("both.pem");
+    let pems = [hanging.ca_file(), healthy.ca_file()].map(|f| std::fs::read(f).expect("CA"));
+    std::fs::write(&both, pems.concat()).expect("write the CA bundle");
+    let server = Server::start(&[
+        "--callback-allow",
+        "127.0.0.0/8",
+        "--callback-ca-file",
+        both.to_str().expect("utf-8 path"),
+        "--delivery-concurrency",
+        "4",
+        "--delivery-per-destination",
+        "2",
+    ]);
+    let org = server.org("acme");
+    let agent = server.echo_agent(&org.api_key, "done").await;
+
+    for _ in 0..6 {
+        let request = json!({"message": "go", "callback_url": hanging.url("/slow")});
+        interact(&server, &org.api_key, &agent, request).await;
+    }
+    hanging.wait_for(2, WAIT).await;
+    let started = std::time::Instant::now();
+    for _ in 0..3 {
+        let request = json!({"message": "go", "callback_url": healthy.ip_url("/fast")});
+        interact(&server, &org.api_key, &agent, request).await;
+    }
+
+    let arrived = healthy.wait_for(3, WAIT).await;
+    assert_eq!(arrived.len(), 3);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        hanging.requests().len(),
+        2,
+        "at most two attempts in flight to one host"
+    );
+}

@@ -12,7 +12,8 @@ pub mod client;
 pub mod guard;
 pub mod policy;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{watch, Notify, Semaphore};
 use tracing::Instrument;
@@ -33,9 +34,61 @@ pub struct Dispatcher {
     pub owner: String,
     /// How many attempts run at once in this process.
     pub concurrency: usize,
+    /// Attempts in flight at once to one `host:port`.
+    pub per_destination: usize,
     /// A claim outlives the attempt budget by a margin.
     pub lease: Duration,
     pub ready: Arc<Notify>,
+    pub in_flight: InFlight,
+}
+
+/// Attempts in flight per destination, so that a receiver that hangs holds
+/// at most its own share of the dispatcher's slots.
+#[derive(Debug, Default, Clone)]
+pub struct InFlight(Arc<Mutex<HashMap<String, usize>>>);
+
+/// One attempt's place in its destination's count, given back when dropped.
+pub struct Slot {
+    in_flight: InFlight,
+    destination: String,
+}
+
+impl InFlight {
+    /// Takes a slot for `destination` if fewer than `limit` are in flight.
+    fn take(&self, destination: &str, limit: usize) -> Option<Slot> {
+        let mut counts = self.0.lock().expect("in-flight counts");
+        let count = counts.entry(destination.to_owned()).or_default();
+        if *count >= limit {
+            return None;
+        }
+        *count += 1;
+        Some(Slot {
+            in_flight: self.clone(),
+            destination: destination.to_owned(),
+        })
+    }
+
+    /// The destinations with no slot free.
+    fn saturated(&self, limit: usize) -> Vec<String> {
+        let counts = self.0.lock().expect("in-flight counts");
+        counts
+            .iter()
+            .filter(|(_, count)| **count >= limit)
+            .map(|(destination, _)| destination.clone())
+            .collect()
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut counts = self.in_flight.0.lock().expect("in-flight counts");
+        if let Some(count) = counts.get_mut(&self.destination) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.destination);
+            }
+        }
+    }
 }
 
 impl Dispatcher {
@@ -43,24 +96,18 @@ impl Dispatcher {
         let permits = Arc::new(Semaphore::new(self.concurrency));
         while !*shutdown.borrow() {
             let free = permits.available_permits().min(256) as u32;
-            let claimed = if free == 0 {
-                Vec::new()
-            } else {
-                let lease_ms = self.lease.as_millis() as i64;
-                match self
-                    .store
-                    .claim_deliveries(&self.owner, lease_ms, free)
-                    .await
-                {
-                    Ok(claimed) => claimed,
-                    Err(error) => {
-                        tracing::error!(error = %error, "claiming deliveries failed");
-                        Vec::new()
-                    }
-                }
-            };
+            let claimed = self.claim(free).await;
             let full = claimed.len() as u32 == free && free > 0;
+
+            let mut over_limit = Vec::new();
             for delivery in claimed {
+                let Some(slot) = self
+                    .in_flight
+                    .take(&delivery.destination, self.per_destination)
+                else {
+                    over_limit.push(delivery.id);
+                    continue;
+                };
                 let permit = permits.clone().acquire_owned().await.expect("never closed");
                 let dispatcher = self.clone();
                 let span = tracing::info_span!(
@@ -71,15 +118,39 @@ impl Dispatcher {
                 tokio::spawn(
                     async move {
                         dispatcher.attempt(delivery).await;
-                        drop(permit);
+                        drop((slot, permit));
                     }
                     .instrument(span),
                 );
+            }
+            // Claimed past a destination's limit in the same batch: handed
+            // back untouched, and skipped by the next claims until a slot frees.
+            if !over_limit.is_empty() {
+                if let Err(error) = self.store.release_deliveries(&self.owner, over_limit).await {
+                    tracing::error!(error = %error, "releasing deliveries failed");
+                }
             }
             if !full {
                 self.idle(&permits, &mut shutdown).await;
             }
         }
+    }
+
+    /// Claims up to `free` due deliveries whose destinations have room.
+    async fn claim(&self, free: u32) -> Vec<Delivery> {
+        if free == 0 {
+            return Vec::new();
+        }
+        let lease_ms = self.lease.as_millis() as i64;
+        let skip = self.in_flight.saturated(self.per_destination);
+        let claimed = self
+            .store
+            .claim_deliveries(&self.owner, lease_ms, free, &skip)
+            .await;
+        claimed.unwrap_or_else(|error| {
+            tracing::error!(error = %error, "claiming deliveries failed");
+            Vec::new()
+        })
     }
 
     /// Sleeps until the next delivery falls due, a new one is ready, or at

@@ -111,6 +111,8 @@ pub enum Outcome {
 pub struct NewDelivery {
     pub id: String,
     pub url: String,
+    /// `host:port` of the URL.
+    pub destination: String,
     pub body: Vec<u8>,
     pub deadline_at: Millis,
 }
@@ -122,6 +124,7 @@ pub struct Delivery {
     pub session_id: String,
     pub org_id: String,
     pub url: String,
+    pub destination: String,
     pub body: Vec<u8>,
     /// Attempts made before this one.
     pub attempts: u32,
@@ -237,12 +240,16 @@ pub trait Store: Send + Sync + 'static {
     /// one transaction, if `owner` still holds the lease.
     async fn finish_session(&self, owner: &str, finish: Finish) -> Result<()>;
 
+    /// Claims due deliveries, skipping the listed destinations.
     async fn claim_deliveries(
         &self,
         owner: &str,
         lease_ms: i64,
         limit: u32,
+        skip: &[String],
     ) -> Result<Vec<Delivery>>;
+    /// Gives claimed deliveries back untouched, to be claimed again.
+    async fn release_deliveries(&self, owner: &str, ids: Vec<String>) -> Result<()>;
     /// When the next pending delivery falls due, if any.
     async fn next_delivery_due(&self) -> Result<Option<Millis>>;
     /// Records an attempt and the delivery's next step in one transaction.

@@ -326,17 +326,27 @@ impl Store for SqliteStore {
         owner: &str,
         lease_ms: i64,
         limit: u32,
+        skip: &[String],
     ) -> Result<Vec<Delivery>> {
-        let owner = owner.to_owned();
-        match self
-            .write(Write::ClaimDeliveries {
-                owner,
-                lease_ms,
-                limit,
-            })
-            .await?
-        {
+        let write = Write::ClaimDeliveries {
+            owner: owner.to_owned(),
+            lease_ms,
+            limit,
+            skip: to_json(skip),
+        };
+        match self.write(write).await? {
             Written::Deliveries(deliveries) => Ok(deliveries),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn release_deliveries(&self, owner: &str, ids: Vec<String>) -> Result<()> {
+        let write = Write::ReleaseDeliveries {
+            owner: owner.to_owned(),
+            ids: to_json(&ids),
+        };
+        match self.write(write).await? {
+            Written::Done => Ok(()),
             other => Err(unexpected(other)),
         }
     }

@@ -74,6 +74,7 @@ pub fn delivery_from_row(row: &SqliteRow) -> Result<Delivery> {
         session_id: row.try_get("session_id")?,
         org_id: row.try_get("org_id")?,
         url: row.try_get("url")?,
+        destination: row.try_get("destination")?,
         body: row.try_get("body")?,
         attempts: row.try_get("attempts")?,
         round_start: row.try_get("round_start")?,

@@ -51,6 +51,13 @@ pub enum Write {
         owner: String,
         lease_ms: i64,
         limit: u32,
+        /// Destinations to skip, as a JSON array.
+        skip: String,
+    },
+    ReleaseDeliveries {
+        owner: String,
+        /// Delivery ids, as a JSON array.
+        ids: String,
     },
     RecordAttempt {
         delivery_id: String,
@@ -156,9 +163,21 @@ async fn apply(tx: &mut SqliteConnection, write: &Write) -> Result<Written> {
             owner,
             lease_ms,
             limit,
-        } => claim_deliveries(tx, owner, *lease_ms, *limit)
+            skip,
+        } => claim_deliveries(tx, owner, *lease_ms, *limit, skip)
             .await
             .map(Written::Deliveries),
+        Write::ReleaseDeliveries { owner, ids } => {
+            sqlx::query(
+                "UPDATE deliveries SET lease_owner = NULL, lease_until = NULL
+                 WHERE id IN (SELECT value FROM json_each(?1)) AND lease_owner = ?2",
+            )
+            .bind(ids)
+            .bind(owner)
+            .execute(&mut *tx)
+            .await?;
+            Ok(Written::Done)
+        }
         Write::RecordAttempt {
             delivery_id,
             owner,
@@ -343,12 +362,13 @@ pub async fn write_finish(tx: &mut SqliteConnection, finish: &Finish) -> Result<
 
     if let Some(delivery) = &finish.delivery {
         sqlx::query(
-            "INSERT INTO deliveries (id, session_id, org_id, url, body, status,
+            "INSERT INTO deliveries (id, session_id, org_id, url, destination, body, status,
                                      next_attempt_at, deadline_at, created_at)
-             SELECT ?, id, org_id, ?, ?, 'pending', ?, ?, ? FROM sessions WHERE id = ?",
+             SELECT ?, id, org_id, ?, ?, ?, 'pending', ?, ?, ? FROM sessions WHERE id = ?",
         )
         .bind(&delivery.id)
         .bind(&delivery.url)
+        .bind(&delivery.destination)
         .bind(&delivery.body)
         .bind(finish.completed_at)
         .bind(delivery.deadline_at)
@@ -365,6 +385,7 @@ async fn claim_deliveries(
     owner: &str,
     lease_ms: i64,
     limit: u32,
+    skip: &str,
 ) -> Result<Vec<Delivery>> {
     let now = now_ms();
     let rows = sqlx::query(
@@ -372,14 +393,16 @@ async fn claim_deliveries(
          WHERE id IN (SELECT id FROM deliveries
                       WHERE status = 'pending' AND next_attempt_at <= ?3
                         AND (lease_until IS NULL OR lease_until < ?3)
+                        AND destination NOT IN (SELECT value FROM json_each(?5))
                       ORDER BY next_attempt_at LIMIT ?4)
-         RETURNING id, session_id, org_id, url, body, attempts, round_start, created_at,
-                   deadline_at",
+         RETURNING id, session_id, org_id, url, destination, body, attempts, round_start,
+                   created_at, deadline_at",
     )
     .bind(owner)
     .bind(now + lease_ms)
     .bind(now)
     .bind(limit)
+    .bind(skip)
     .fetch_all(&mut *tx)
     .await?;
     rows.iter().map(delivery_from_row).collect()
