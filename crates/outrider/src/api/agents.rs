@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 
 use super::auth::Org;
-use super::{page_limit, ApiError, ApiResult, AppState, JsonBody, JsonResponse};
+use super::{page, page_limit, ApiError, ApiResult, AppState, JsonBody, JsonResponse};
 use crate::domain::{new_id, now_ms, rfc3339, Agent, AgentSpec, ModelProvider, ScriptedReply};
 use crate::tools;
 
@@ -209,13 +209,8 @@ pub async fn list(
 ) -> ApiResult<Json<Value>> {
     let limit = page_limit(query.get("limit").map(String::as_str), 100, 1000)?;
     let after = query.get("after").map(String::as_str);
-    // One extra row says whether another page follows.
-    let mut agents = state.store.agents(&org.id, after, limit + 1).await?;
-    let more = agents.len() > limit as usize;
-    agents.truncate(limit as usize);
-
-    let next_cursor = more.then(|| agents.last().map(|a| a.id.clone())).flatten();
-    let agents: Vec<Value> = agents.iter().map(agent_json).collect();
+    let rows = state.store.agents(&org.id, after, limit + 1).await?;
+    let (agents, next_cursor) = page(rows, limit, |a| a.id.clone(), agent_json);
     Ok(Json(
         json!({ "agents": agents, "next_cursor": next_cursor }),
     ))

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 
 use super::auth::Org;
-use super::{page_limit, ApiError, ApiResult, AppState, JsonResponse};
+use super::{page, page_limit, ApiError, ApiResult, AppState, JsonResponse};
 use crate::domain::{now_ms, rfc3339};
 use crate::store::{AttemptState, DeliveryState, Redelivery};
 
@@ -76,15 +76,12 @@ pub async fn list(
     }
     let after = query.get("after").map(String::as_str);
 
-    // One extra row says whether another page follows.
-    let store = &state.store;
-    let mut page = store
-        .deliveries(Some(&org.id), status, after, limit + 1)
+    let org_id = Some(org.id.as_str());
+    let rows = state
+        .store
+        .deliveries(org_id, status, after, limit + 1)
         .await?;
-    let more = page.len() > limit as usize;
-    page.truncate(limit as usize);
-    let next_cursor = more.then(|| page.last().map(|d| d.id.clone())).flatten();
-    let callbacks: Vec<Value> = page.iter().map(delivery_json).collect();
+    let (callbacks, next_cursor) = page(rows, limit, |d| d.id.clone(), delivery_json);
     Ok(Json(
         json!({ "callbacks": callbacks, "next_cursor": next_cursor }),
     ))

@@ -148,5 +148,19 @@ pub fn page_limit(raw: Option<&str>, default: u32, max: u32) -> ApiResult<u32> {
     }
 }
 
+/// Turns rows fetched with `limit + 1` into one page of JSON and the cursor
+/// of the next page: the extra row, if it came, says another page follows.
+pub fn page<T, C: serde::Serialize>(
+    mut rows: Vec<T>,
+    limit: u32,
+    cursor: impl Fn(&T) -> C,
+    to_json: impl Fn(&T) -> serde_json::Value,
+) -> (Vec<serde_json::Value>, Option<C>) {
+    let more = rows.len() > limit as usize;
+    rows.truncate(limit as usize);
+    let next_cursor = rows.last().filter(|_| more).map(cursor);
+    (rows.iter().map(to_json).collect(), next_cursor)
+}
+
 /// A JSON response with a status.
 pub type JsonResponse = (StatusCode, Json<serde_json::Value>);

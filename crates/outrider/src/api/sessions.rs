@@ -12,7 +12,7 @@ use std::time::Duration;
 use super::auth::Org;
 use super::callbacks::delivery_json;
 use super::stream;
-use super::{page_limit, ApiError, ApiResult, AppState, JsonBody, JsonResponse};
+use super::{page, page_limit, ApiError, ApiResult, AppState, JsonBody, JsonResponse};
 use crate::domain::{new_id, now_ms, rfc3339, Event, InputMessage, Role, Session, SessionStatus};
 use crate::store::{CancelResult, Created, NewSession, Outcome};
 use crate::worker;
@@ -311,12 +311,8 @@ pub async fn events(
         return Ok(stream::events(state.store.clone(), session_id, after).into_response());
     }
 
-    // One extra row says whether another page follows.
-    let mut events = state.store.events(&session_id, after, limit + 1).await?;
-    let more = events.len() > limit as usize;
-    events.truncate(limit as usize);
-    let next_cursor = more.then(|| events.last().map(|e| e.seq)).flatten();
-    let events: Vec<Value> = events.iter().map(event_json).collect();
+    let rows = state.store.events(&session_id, after, limit + 1).await?;
+    let (events, next_cursor) = page(rows, limit, |e| e.seq, event_json);
     let body = json!({ "events": events, "next_cursor": next_cursor });
     Ok(Json(body).into_response())
 }
