@@ -18,7 +18,7 @@ use crate::domain::new_id;
 use crate::providers::{OpenAi, Providers, Scripted};
 use crate::runtime::Runtime;
 use crate::store;
-use crate::worker::{WorkerConfig, Workers};
+use crate::worker::{Running, WorkerConfig, Workers};
 
 /// A server bound to its port, with its background work ready to start.
 pub struct Application {
@@ -48,6 +48,7 @@ impl Application {
         let work_ready = Arc::new(Notify::new());
         let delivery_ready = Arc::new(Notify::new());
         let (finished, _) = broadcast::channel(1024);
+        let running = Running::default();
 
         let tls = tls_config(config.callback_ca_file.as_deref())?;
         let client = CallbackClient::new(guard.clone(), config.callback_timeout, tls)?;
@@ -70,7 +71,7 @@ impl Application {
                     store: store.clone(),
                     runtime: Arc::new(Runtime::new(providers)),
                     config: WorkerConfig {
-                        concurrency: config.workers,
+                        concurrency: usize::from(config.workers),
                         lease: config.lease,
                         poll: std::time::Duration::from_secs(1),
                         public_url: public_url.clone(),
@@ -80,6 +81,7 @@ impl Application {
                     work_ready: work_ready.clone(),
                     delivery_ready: delivery_ready.clone(),
                     finished: finished.clone(),
+                    running: running.clone(),
                 }))
             })
             .transpose()?;
@@ -92,6 +94,7 @@ impl Application {
             work_ready,
             delivery_ready,
             finished,
+            running,
             callback_deadline: config.callback_deadline,
         };
         Ok(Self {

@@ -88,8 +88,9 @@ pub struct ServeConfig {
     pub model_timeout: Duration,
 
     /// Sessions run at once in this process; 0 runs no agents (API only).
-    #[arg(long, env = "OUTRIDER_WORKERS", default_value_t = 8)]
-    pub workers: usize,
+    #[arg(long, env = "OUTRIDER_WORKERS", default_value_t = 8,
+          value_parser = clap::value_parser!(u16).range(0..=1024))]
+    pub workers: u16,
 
     /// How long a claimed session stays claimed without renewal; a crashed
     /// worker's sessions are taken over after this.
@@ -102,18 +103,24 @@ pub struct ServeConfig {
     pub sync_timeout: Duration,
 }
 
+/// No setting waits longer than this; it keeps time arithmetic in range.
+const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+
 fn parse_duration(raw: &str) -> Result<Duration, String> {
     let duration = humantime::parse_duration(raw.trim()).map_err(|e| format!("{raw:?}: {e}"))?;
     if duration.is_zero() {
         return Err(format!("{raw:?}: must be more than zero"));
+    }
+    if duration > MAX_DURATION {
+        return Err(format!("{raw:?}: must be at most 30 days"));
     }
     Ok(duration)
 }
 
 fn parse_lease(raw: &str) -> Result<Duration, String> {
     let lease = parse_duration(raw)?;
-    if lease < Duration::from_secs(1) {
-        return Err(format!("{raw:?}: must be at least 1s"));
+    if lease < Duration::from_secs(1) || lease > Duration::from_secs(3600) {
+        return Err(format!("{raw:?}: must be from 1s to 1h"));
     }
     Ok(lease)
 }
@@ -145,6 +152,8 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("31days").is_err());
+        assert!(parse_duration("500000000y").is_err());
     }
 
     #[test]

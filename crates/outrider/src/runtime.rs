@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::Notify;
 
 use crate::domain::{Event, EventKind, Message, Session, SessionError, ToolCall};
 use crate::providers::{ChatRequest, Completion, Providers};
@@ -20,10 +21,35 @@ use crate::tools;
 /// How often a failing model call is tried before the session fails.
 const MODEL_TRIES: u32 = 3;
 
-/// Signals from outside the loop, set by the worker's lease keeper.
+/// A cancel request reaching a running session: from the API in this
+/// process at once, or from the lease keeper when it was made elsewhere.
 #[derive(Debug, Default)]
 pub struct Control {
-    pub cancel: AtomicBool,
+    cancelled: AtomicBool,
+    wake: Notify,
+}
+
+impl Control {
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::SeqCst);
+        self.wake.notify_waiters();
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once the session is cancelled.
+    pub async fn cancelled(&self) {
+        loop {
+            // Registered before the check, so a cancel in between still wakes it.
+            let woken = self.wake.notified();
+            if self.is_cancelled() {
+                return;
+            }
+            woken.await;
+        }
+    }
 }
 
 /// Appends a session's events while its worker holds the lease.
@@ -91,6 +117,9 @@ impl Runtime {
         let max_steps = session.agent.max_steps;
         loop {
             for call in std::mem::take(&mut progress.pending) {
+                if control.is_cancelled() {
+                    return Ok(Outcome::Cancelled);
+                }
                 let result = run_tool(session, &call, progress.steps, recorder).await?;
                 progress.messages.push(result);
             }
@@ -100,12 +129,13 @@ impl Runtime {
                     SessionError::new("EXECUTION_ERROR", "Agent exceeded maximum step count");
                 return Ok(Outcome::Failed(error));
             }
-            if control.cancel.load(Ordering::Relaxed) {
-                return Ok(Outcome::Cancelled);
-            }
-
             let step = progress.steps + 1;
-            let completion = match self.call_model(session, &progress.messages, step).await {
+            let call = self.call_model(session, &progress.messages, step);
+            let completion = tokio::select! {
+                completion = call => completion,
+                () = control.cancelled() => return Ok(Outcome::Cancelled),
+            };
+            let completion = match completion {
                 Ok(completion) => completion,
                 Err(error) => return Ok(Outcome::Failed(error)),
             };

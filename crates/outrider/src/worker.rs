@@ -8,13 +8,13 @@
 
 use serde::Serialize;
 use serde_json::{json, Value};
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{broadcast, watch, Notify, Semaphore};
 use tracing::Instrument;
 
-use crate::domain::{new_id, now_ms, rfc3339, Session, SessionError};
+use crate::domain::{new_id, now_ms, rfc3339, Event, Session, SessionError};
 use crate::runtime::{Control, Recorder, Runtime};
 use crate::store::{DynStore, Finish, NewDelivery, Outcome, Renewal, StoreError};
 
@@ -22,8 +22,8 @@ use crate::store::{DynStore, Finish, NewDelivery, Outcome, Renewal, StoreError};
 /// repeatedly; it fails instead of taking down the next one.
 const MAX_CLAIMS: u32 = 5;
 
-/// How many events one resume reads at most.
-const MAX_REPLAY_EVENTS: u32 = 10_000;
+/// Events read per query when a session's history is loaded.
+const HISTORY_PAGE: u32 = 1_000;
 
 /// Worker settings.
 #[derive(Debug, Clone)]
@@ -46,6 +46,30 @@ pub struct Workers {
     pub work_ready: Arc<Notify>,
     pub delivery_ready: Arc<Notify>,
     pub finished: broadcast::Sender<String>,
+    pub running: Running,
+}
+
+/// The sessions running in this process, so a cancel request made here
+/// reaches its session at once.
+#[derive(Debug, Default, Clone)]
+pub struct Running(Arc<Mutex<HashMap<String, Arc<Control>>>>);
+
+impl Running {
+    fn insert(&self, session_id: &str, control: Arc<Control>) {
+        let mut running = self.0.lock().expect("running sessions");
+        running.insert(session_id.to_owned(), control);
+    }
+
+    fn remove(&self, session_id: &str) {
+        self.0.lock().expect("running sessions").remove(session_id);
+    }
+
+    /// Cancels the session if it runs here.
+    pub fn cancel(&self, session_id: &str) {
+        if let Some(control) = self.0.lock().expect("running sessions").get(session_id) {
+            control.cancel();
+        }
+    }
 }
 
 impl Workers {
@@ -95,10 +119,12 @@ impl Workers {
     async fn process(&self, session: Session) {
         tracing::debug!(claims = session.claims, "session started");
         let control = Arc::new(Control::default());
+        self.running.insert(&session.id, control.clone());
         let keeper = tokio::spawn(self.keep_lease(session.id.clone(), control.clone()));
 
         let outcome = self.outcome(&session, &control).await;
         keeper.abort();
+        self.running.remove(&session.id);
         let outcome = match outcome {
             Ok(outcome) => outcome,
             Err(StoreError::LeaseLost) => {
@@ -135,7 +161,7 @@ impl Workers {
                 message,
             )));
         }
-        let history = self.store.events(&session.id, 0, MAX_REPLAY_EVENTS).await?;
+        let history = self.history(&session.id).await?;
         let recorder = Recorder {
             store: self.store.clone(),
             session_id: session.id.clone(),
@@ -144,6 +170,21 @@ impl Workers {
         self.runtime
             .run(session, &history, &recorder, control)
             .await
+    }
+
+    /// Every event the session has recorded so far, for the runtime to
+    /// resume from.
+    async fn history(&self, session_id: &str) -> Result<Vec<Event>, StoreError> {
+        let mut history = Vec::new();
+        loop {
+            let after = history.last().map_or(0, |event: &Event| event.seq);
+            let page = self.store.events(session_id, after, HISTORY_PAGE).await?;
+            let done = page.len() < HISTORY_PAGE as usize;
+            history.extend(page);
+            if done {
+                return Ok(history);
+            }
+        }
     }
 
     /// Renews the lease every third of its length until aborted, and passes
@@ -162,7 +203,7 @@ impl Workers {
                 tokio::time::sleep(lease / 3).await;
                 match store.renew_session(&session_id, &owner, lease_ms).await {
                     Ok(Renewal::Held) => {}
-                    Ok(Renewal::CancelRequested) => control.cancel.store(true, Ordering::Relaxed),
+                    Ok(Renewal::CancelRequested) => control.cancel(),
                     Ok(Renewal::Lost) => return,
                     Err(error) => tracing::warn!(error = %error, "renewing the lease failed"),
                 }

@@ -53,7 +53,7 @@ fn assert_signed(request: &Recorded, secret: &str) -> u64 {
     t
 }
 
-fn body(request: &Recorded) -> Value {
+fn body_of(request: &Recorded) -> Value {
     serde_json::from_slice(&request.body).expect("callback body is JSON")
 }
 
@@ -100,7 +100,7 @@ async fn a_finished_session_posts_a_signed_callback() {
     assert_eq!(callback.path, "/hook");
     assert_eq!(callback.header("content-type"), Some("application/json"));
     assert_signed(callback, &org.signing_secret);
-    let body = body(callback);
+    let body = body_of(callback);
     assert_eq!(body["session_id"], json!(session));
     assert_eq!(body["status"], json!("succeeded"));
     assert_eq!(body["output"], json!("the sum is 5"));
@@ -191,7 +191,7 @@ async fn an_agent_that_never_stops_calling_tools_fails_after_max_steps() {
     let requests = receiver.wait_for(1, WAIT).await;
 
     assert_signed(&requests[0], &org.signing_secret);
-    let body = body(&requests[0]);
+    let body = body_of(&requests[0]);
     assert_eq!(body["status"], json!("failed"));
     assert_eq!(
         body["error"],
@@ -211,7 +211,7 @@ async fn a_callback_is_retried_after_503s_with_the_same_bytes_and_fresh_signatur
     let session = interact(&server, &org.api_key, &agent, request).await;
     let requests = receiver.wait_for(3, WAIT).await;
 
-    let first = body(&requests[0]);
+    let first = body_of(&requests[0]);
     let mut stamps = Vec::new();
     for request in &requests {
         assert_eq!(
@@ -219,7 +219,7 @@ async fn a_callback_is_retried_after_503s_with_the_same_bytes_and_fresh_signatur
             "identical bytes on every attempt"
         );
         assert_eq!(
-            body(request)["callback_event_id"],
+            body_of(request)["callback_event_id"],
             first["callback_event_id"]
         );
         stamps.push(assert_signed(request, &org.signing_secret));
@@ -305,7 +305,7 @@ async fn non_ascii_and_nested_bodies_verify_byte_for_byte() {
 
     assert_eq!(requests[0].path, "/hook?x=1");
     assert_signed(&requests[0], &org.signing_secret);
-    let body = body(&requests[0]);
+    let body = body_of(&requests[0]);
     assert_eq!(body["output"], json!(text));
     assert_eq!(body["metadata"], metadata);
 }
@@ -340,9 +340,9 @@ async fn a_server_killed_after_accepting_still_delivers_after_restart() {
     server.restart();
     let requests = receiver.wait_for(1, WAIT).await;
     assert_signed(&requests[0], &org.signing_secret);
-    assert_eq!(body(&requests[0])["session_id"], json!(session));
-    assert_eq!(body(&requests[0])["status"], json!("succeeded"));
-    assert_eq!(body(&requests[0])["output"], json!("late"));
+    assert_eq!(body_of(&requests[0])["session_id"], json!(session));
+    assert_eq!(body_of(&requests[0])["status"], json!("succeeded"));
+    assert_eq!(body_of(&requests[0])["output"], json!("late"));
 }
 
 #[tokio::test]
@@ -615,4 +615,44 @@ async fn a_hanging_receiver_does_not_delay_callbacks_to_others() {
         2,
         "at most two attempts in flight to one host"
     );
+}
+
+#[tokio::test]
+async fn cancelling_a_running_session_stops_it_at_once_and_reports_cancelled() {
+    let receiver = Receiver::start(vec![]).await;
+    let slow = ModelReply::Delayed(
+        Duration::from_secs(10),
+        Box::new(ModelReply::Text("late".into())),
+    );
+    let model = FakeModel::start(vec![slow]).await;
+    let server = server_for(&receiver, &["--openai-base-url", &model.base_url()]);
+    let org = server.org("acme");
+    let agent = server
+        .agent(&org.api_key, json!({"name": "slow", "model": "m"}))
+        .await;
+    let request = json!({"message": "go", "callback_url": receiver.url("/hook")});
+    let session = interact(&server, &org.api_key, &agent, request).await;
+    tokio::time::timeout(WAIT, async {
+        while model.calls().is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the model was called");
+
+    let started = std::time::Instant::now();
+    let path = format!("/v1/agent-sessions/{session}/cancel");
+    let (status, body) = server.post(&path, &org.api_key, json!({})).await;
+    assert_eq!(status, 202, "{body}");
+    let requests = receiver.wait_for(1, WAIT).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(body_of(&requests[0])["status"], json!("cancelled"));
+    let (_, state) = server
+        .get(&format!("/v1/agent-sessions/{session}"), &org.api_key)
+        .await;
+    assert_eq!(state["status"], json!("cancelled"));
 }

@@ -176,6 +176,22 @@ fn a_zero_callback_timeout_stops_start_up() {
 }
 
 #[test]
+fn out_of_range_numbers_stop_start_up_instead_of_overflowing() {
+    for (flag, value) in [
+        ("--callback-timeout", "18446744073709551615s"),
+        ("--callback-timeout", "500000000y"),
+        ("--callback-deadline", "300000000y"),
+        ("--retry-schedule", "5s,1000y"),
+        ("--lease", "2h"),
+        ("--workers", "18446744073709551615"),
+        ("--workers", "5000"),
+    ] {
+        let stderr = serve(&[flag, value], &[]).assert_refused();
+        assert!(stderr.contains(flag), "{flag} {value}: {stderr}");
+    }
+}
+
+#[test]
 fn a_callback_allow_entry_that_is_not_a_range_stops_start_up() {
     let stderr = serve(&["--callback-allow", "not-a-cidr"], &[]).assert_refused();
     assert!(stderr.contains("--callback-allow"), "{stderr}");

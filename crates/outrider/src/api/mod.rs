@@ -45,6 +45,8 @@ pub struct AppState {
     pub delivery_ready: Arc<Notify>,
     /// Announces sessions that reached a terminal state in this process.
     pub finished: broadcast::Sender<String>,
+    /// Sessions running in this process, for cancel requests.
+    pub running: crate::worker::Running,
     /// Callback deadline, used when a queued session is cancelled.
     pub callback_deadline: Duration,
 }

@@ -366,7 +366,10 @@ pub async fn cancel(
             let _ = state.finished.send(session.id.clone());
             SessionStatus::Cancelled
         }
-        CancelResult::Requested => SessionStatus::Running,
+        CancelResult::Requested => {
+            state.running.cancel(&session.id);
+            SessionStatus::Running
+        }
     };
     let body = json!({ "session_id": session.id, "status": status, "cancel_requested": true });
     Ok((StatusCode::ACCEPTED, Json(body)))

@@ -72,7 +72,8 @@ impl RetryPolicy {
             return NextStep::Failed;
         }
         let wait = after.unwrap_or_else(|| jittered(*wait));
-        let at = now.saturating_add(wait.as_millis() as Millis);
+        let wait_ms = Millis::try_from(wait.as_millis()).unwrap_or(Millis::MAX);
+        let at = now.saturating_add(wait_ms);
         NextStep::RetryAt(at.min(deadline))
     }
 }
@@ -150,6 +151,15 @@ mod tests {
         assert_eq!(
             policy().next_step(1, verdict, 0, 1_000_000),
             NextStep::RetryAt(42_000)
+        );
+    }
+
+    #[test]
+    fn a_huge_retry_after_waits_until_the_deadline() {
+        let verdict = Verdict::from_status(429, Some("18446744073709551615"));
+        assert_eq!(
+            policy().next_step(1, verdict, 0, 1_000_000),
+            NextStep::RetryAt(1_000_000)
         );
     }
 
