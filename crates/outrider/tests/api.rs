@@ -1346,3 +1346,70 @@ async fn message_content_may_be_a_list_of_text_parts() {
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"]["field"], json!("messages[0].content"));
 }
+
+#[tokio::test]
+async fn unknown_fields_are_refused_by_name_instead_of_ignored() {
+    let server = Server::start(&[]);
+    let key = server.org("acme").api_key;
+    let agent = server.echo_agent(&key, "kept").await;
+
+    let (status, body) = server
+        .call(
+            Method::PUT,
+            &format!("/v1/agents/{agent}"),
+            Some(&key),
+            Some(json!({"nmae": "typo"})),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["field"], json!("nmae"));
+    let (_, unchanged) = server.get(&format!("/v1/agents/{agent}"), &key).await;
+    assert_eq!(unchanged["script"][0]["content"], json!("kept"));
+
+    let request = json!({"message": "hi", "callbackUrl": "https://example.com/h"});
+    let (status, body) = server.post(&interact_path(&agent), &key, request).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["field"], json!("callbackUrl"));
+}
+
+#[tokio::test]
+async fn a_malformed_path_id_answers_a_json_400() {
+    let server = Server::start(&[]);
+    let key = server.org("acme").api_key;
+    for path in [
+        "/v1/agents/%ff",
+        "/v1/agent-sessions/%ff",
+        "/v1/agent-sessions/%ff/events",
+    ] {
+        let (status, body) = server.get(path, &key).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(body["error"]["field"], json!("path"), "{path}");
+    }
+}
+
+#[tokio::test]
+async fn a_declared_length_over_the_limit_is_refused_before_the_body_is_sent() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = Server::start(&[]);
+    let key = server.org("acme").api_key;
+    let address = server.base.trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /v1/agents HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: 999999999999\r\n\r\n"
+    );
+    stream
+        .write_all(head.as_bytes())
+        .await
+        .expect("send the head");
+    let mut answer = vec![0; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer))
+        .await
+        .expect("answered without waiting for the body")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer[..read]);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("payload_too_large"), "{answer}");
+}

@@ -1,6 +1,6 @@
 //! `/v1/agents`: create, list, show, replace and delete agents.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 
 use super::auth::Org;
-use super::{page, page_limit, ApiError, ApiResult, AppState, JsonBody, JsonResponse};
+use super::{page, page_limit, ApiError, ApiResult, AppState, Id, JsonBody, JsonResponse};
 use crate::domain::{new_id, now_ms, rfc3339, Agent, AgentSpec, ModelProvider, ScriptedReply};
 use crate::tools;
 
@@ -22,6 +22,7 @@ pub const MAX_SCRIPT_REPLIES: usize = 1_000;
 
 /// An agent definition as clients send it.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AgentRequest {
     name: Option<String>,
     model_provider: Option<ModelProvider>,
@@ -219,7 +220,7 @@ pub async fn list(
 pub async fn show(
     State(state): State<AppState>,
     org: Org,
-    Path(agent_id): Path<String>,
+    Id(agent_id): Id,
 ) -> ApiResult<Json<Value>> {
     let agent = state.store.agent(&org.id, &agent_id).await?;
     let agent = agent.ok_or(ApiError::NotFound("agent"))?;
@@ -229,7 +230,7 @@ pub async fn show(
 pub async fn replace(
     State(state): State<AppState>,
     org: Org,
-    Path(agent_id): Path<String>,
+    Id(agent_id): Id,
     JsonBody(request): JsonBody<AgentRequest>,
 ) -> ApiResult<Json<Value>> {
     let existing = state.store.agent(&org.id, &agent_id).await?;
@@ -245,7 +246,7 @@ pub async fn replace(
 pub async fn delete(
     State(state): State<AppState>,
     org: Org,
-    Path(agent_id): Path<String>,
+    Id(agent_id): Id,
 ) -> ApiResult<StatusCode> {
     if state.store.delete_agent(&org.id, &agent_id).await? {
         Ok(StatusCode::NO_CONTENT)

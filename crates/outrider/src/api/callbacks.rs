@@ -1,14 +1,14 @@
 //! Operator control over callbacks: a session's delivery with every
 //! attempt, deliveries by status, and redelivery.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 
 use super::auth::Org;
-use super::{page, page_limit, ApiError, ApiResult, AppState, JsonResponse};
+use super::{page, page_limit, ApiError, ApiResult, AppState, Id, JsonResponse};
 use crate::domain::{now_ms, rfc3339};
 use crate::store::{AttemptState, DeliveryState, Redelivery};
 
@@ -48,7 +48,7 @@ pub fn attempt_json(attempt: &AttemptState) -> Value {
 pub async fn for_session(
     State(state): State<AppState>,
     org: Org,
-    Path(session_id): Path<String>,
+    Id(session_id): Id,
 ) -> ApiResult<Json<Value>> {
     if state.store.session(&org.id, &session_id).await?.is_none() {
         return Err(ApiError::NotFound("session"));
@@ -91,7 +91,7 @@ pub async fn list(
 pub async fn redeliver(
     State(state): State<AppState>,
     org: Org,
-    Path(id): Path<String>,
+    Id(id): Id,
 ) -> ApiResult<JsonResponse> {
     let deadline_at = now_ms() + state.callback_deadline.as_millis() as i64;
     match state

@@ -103,6 +103,16 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        // A declared length over the limit is refused before reading anything.
+        let declared = request
+            .headers()
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|length| length > MAX_BODY_BYTES as u64) {
+            return Err(ApiError::PayloadTooLarge {
+                limit: MAX_BODY_BYTES,
+            });
+        }
         let bytes = axum::body::Bytes::from_request(request, state)
             .await
             .map_err(body_error)?;
@@ -113,16 +123,45 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
         let value: T = serde_path_to_error::deserialize(&mut json).map_err(|error| {
             let path = error.path().to_string();
             let inner = error.into_inner();
-            if inner.is_syntax() || inner.is_eof() || path == "." {
-                ApiError::InvalidJson(inner.to_string())
+            let message = inner.to_string();
+            if let Some(field) = unknown_field(&message) {
+                // The path already ends at the unknown field, where there is one.
+                let field = if path == "." { field } else { path };
+                ApiError::field(field, "is not a known field")
+            } else if inner.is_syntax() || inner.is_eof() || path == "." {
+                ApiError::InvalidJson(message)
             } else {
-                ApiError::field(path, inner.to_string())
+                ApiError::field(path, message)
             }
         })?;
         json.end().map_err(|e| {
             ApiError::InvalidJson(format!("trailing data after the JSON value: {e}"))
         })?;
         Ok(Self(value))
+    }
+}
+
+/// The name in serde's "unknown field `name`, expected ..." message.
+fn unknown_field(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown field `")?;
+    Some(rest.split('`').next()?.to_owned())
+}
+
+/// A path's one identifier; a malformed one is a JSON 400, like any other
+/// bad input.
+pub struct Id(pub String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Id {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<String>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(id)) => Ok(Self(id)),
+            Err(rejection) => Err(ApiError::field("path", rejection.body_text())),
+        }
     }
 }
 

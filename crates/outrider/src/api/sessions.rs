@@ -1,6 +1,6 @@
 //! Interactions and sessions: start one, read it, page its events, cancel it.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -12,7 +12,7 @@ use std::time::Duration;
 use super::auth::Org;
 use super::callbacks::delivery_json;
 use super::stream;
-use super::{page, page_limit, ApiError, ApiResult, AppState, JsonBody, JsonResponse};
+use super::{page, page_limit, ApiError, ApiResult, AppState, Id, JsonBody, JsonResponse};
 use crate::domain::{new_id, now_ms, rfc3339, Event, InputMessage, Role, Session, SessionStatus};
 use crate::store::{CancelResult, Created, NewSession, Outcome};
 use crate::worker;
@@ -26,6 +26,7 @@ pub const MAX_IDEMPOTENCY_KEY_CHARS: usize = 255;
 
 /// `POST /v1/agents/{id}/interact` as clients send it.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct InteractRequest {
     message: Option<String>,
     messages: Option<Vec<RawMessage>>,
@@ -188,7 +189,7 @@ fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
 pub async fn interact(
     State(state): State<AppState>,
     org: Org,
-    Path(agent_id): Path<String>,
+    Id(agent_id): Id,
     headers: HeaderMap,
     JsonBody(request): JsonBody<InteractRequest>,
 ) -> ApiResult<JsonResponse> {
@@ -268,7 +269,7 @@ fn result_json(state: &AppState, session: &Session) -> Value {
 pub async fn show(
     State(state): State<AppState>,
     org: Org,
-    Path(session_id): Path<String>,
+    Id(session_id): Id,
 ) -> ApiResult<Json<Value>> {
     let session = state.store.session(&org.id, &session_id).await?;
     let session = session.ok_or(ApiError::NotFound("session"))?;
@@ -289,7 +290,7 @@ pub async fn show(
 pub async fn events(
     State(state): State<AppState>,
     org: Org,
-    Path(session_id): Path<String>,
+    Id(session_id): Id,
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
 ) -> ApiResult<Response> {
@@ -338,7 +339,7 @@ pub fn event_json(event: &Event) -> Value {
 pub async fn cancel(
     State(state): State<AppState>,
     org: Org,
-    Path(session_id): Path<String>,
+    Id(session_id): Id,
 ) -> ApiResult<JsonResponse> {
     let session = state.store.session(&org.id, &session_id).await?;
     let session = session.ok_or(ApiError::NotFound("session"))?;
