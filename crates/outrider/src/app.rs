@@ -41,7 +41,7 @@ impl Application {
         let public_url = config
             .public_url
             .clone()
-            .unwrap_or_else(|| format!("http://{address}"));
+            .unwrap_or_else(|| default_public_url(address));
 
         let owner = format!("{}-{}", std::process::id(), new_id());
         let guard = Guard::new(config.callback_allow.clone());
@@ -137,6 +137,20 @@ impl Application {
         }
         Ok(())
     }
+}
+
+/// `http://<listen address>`, except that a wildcard address (which no
+/// client can reach) becomes the loopback address, with a warning.
+fn default_public_url(address: SocketAddr) -> String {
+    if !address.ip().is_unspecified() {
+        return format!("http://{address}");
+    }
+    let port = address.port();
+    tracing::warn!(
+        "listening on every interface without --public-url; events_url will name \
+         http://127.0.0.1:{port}, which only local clients can reach"
+    );
+    format!("http://127.0.0.1:{port}")
 }
 
 fn providers(config: &ServeConfig) -> anyhow::Result<Providers> {

@@ -140,6 +140,11 @@ fn parse_public_url(raw: &str) -> Result<String, String> {
     if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
         return Err(format!("{raw:?}: must be an http or https URL"));
     }
+    if url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() {
+        return Err(format!(
+            "{raw:?}: must not have a query, a fragment or a user name"
+        ));
+    }
     Ok(raw.trim_end_matches('/').to_owned())
 }
 

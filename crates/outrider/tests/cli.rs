@@ -210,6 +210,14 @@ fn a_public_url_that_is_not_http_stops_start_up() {
     let stderr = serve(&["--public-url", "ftp://x"], &[]).assert_refused();
     assert!(stderr.contains("--public-url"), "{stderr}");
     assert!(stderr.contains("ftp://x"), "{stderr}");
+    for url in [
+        "http://example.com/base?q=1",
+        "http://example.com/#frag",
+        "http://u@example.com",
+    ] {
+        let stderr = serve(&["--public-url", url], &[]).assert_refused();
+        assert!(stderr.contains("--public-url"), "{url}: {stderr}");
+    }
 }
 
 #[test]

@@ -33,19 +33,21 @@ pub struct Server {
 impl Server {
     /// Starts a server with test-friendly settings plus `extra` flags.
     ///
-    /// Defaults: a fresh SQLite file, 1 s retries, a 2 s lease. Flags given
-    /// in `extra` come later on the command line and so take precedence.
+    /// Defaults: a fresh SQLite file, 1 s retries, a 2 s lease, each unless
+    /// `extra` sets that flag itself.
     pub fn start(extra: &[&str]) -> Server {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut args: Vec<String> = vec![
-            "--listen".into(),
-            "127.0.0.1:0".into(),
-            "--retry-schedule".into(),
-            "1s,1s,1s".into(),
-            "--lease".into(),
-            "2s".into(),
+        let defaults = [
+            ("--listen", "127.0.0.1:0"),
+            ("--retry-schedule", "1s,1s,1s"),
+            ("--lease", "2s"),
         ];
-        args.extend(extra.iter().map(|a| a.to_string()));
+        let mut args: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+        for (flag, value) in defaults {
+            if !extra.contains(&flag) {
+                args.extend([flag.to_owned(), value.to_owned()]);
+            }
+        }
         let (child, base) = spawn(dir.path(), &args);
         Server {
             child,
