@@ -24,6 +24,7 @@ use crate::worker::{Running, WorkerConfig, Workers};
 pub struct Application {
     listener: TcpListener,
     router: axum::Router,
+    header_timeout: std::time::Duration,
     workers: Option<Arc<Workers>>,
     dispatcher: Arc<Dispatcher>,
 }
@@ -100,6 +101,7 @@ impl Application {
         Ok(Self {
             listener,
             router: api::router(state),
+            header_timeout: config.header_timeout,
             workers,
             dispatcher,
         })
@@ -127,10 +129,7 @@ impl Application {
         }
         background.push(tokio::spawn(self.dispatcher.run(stopped.clone())));
 
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .context("serving HTTP")?;
+        crate::serve::serve(self.listener, self.router, self.header_timeout, shutdown).await;
         let _ = stop.send(true);
         for task in background {
             let _ = task.await;

@@ -33,6 +33,12 @@ pub struct ServeConfig {
     #[arg(long, env = "OUTRIDER_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
+    /// How long a client has to send a request's head (also how long an idle
+    /// connection stays open).
+    #[arg(long, env = "OUTRIDER_HEADER_TIMEOUT", default_value = "30s",
+          value_parser = parse_duration)]
+    pub header_timeout: Duration,
+
     /// Base URL clients reach this server at, used in `events_url`
     /// [default: http://<listen address>].
     #[arg(long, env = "OUTRIDER_PUBLIC_URL", value_parser = parse_public_url)]

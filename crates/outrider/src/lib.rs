@@ -5,6 +5,8 @@
 //! - [`cli`] and [`config`]: subcommands, flags and `OUTRIDER_*` settings.
 //! - [`app`]: builds the server from its settings (store, API, workers,
 //!   dispatcher) in one place.
+//! - [`serve`]: the HTTP accept loop, with header timeouts and a
+//!   connection limit.
 //! - [`api`]: HTTP routes, authentication, request parsing, JSON errors.
 //! - [`store`]: schema, migrations and every query, behind one trait.
 //! - [`worker`]: claims sessions with leases and finishes them.
@@ -25,6 +27,7 @@ pub mod delivery;
 pub mod domain;
 pub mod providers;
 pub mod runtime;
+pub mod serve;
 pub mod store;
 pub mod tools;
 pub mod worker;
