@@ -1435,3 +1435,46 @@ async fn a_client_that_never_finishes_its_headers_is_disconnected() {
     let (status, _) = server.call(Method::GET, "/healthz", None, None).await;
     assert_eq!(status, 200);
 }
+
+#[tokio::test]
+async fn an_idempotency_key_reused_for_a_different_request_answers_422() {
+    let server = Server::start(&[]);
+    let key = server.org("acme").api_key;
+    let agent = server.echo_agent(&key, "once").await;
+    let other_agent = server.echo_agent(&key, "twice").await;
+    let headers = [("Idempotency-Key", "order-7")];
+
+    let first = post_with(
+        &server,
+        &interact_path(&agent),
+        &key,
+        &headers,
+        &json!({"message": "a"}),
+    )
+    .await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    for (path, request) in [
+        (interact_path(&agent), json!({"message": "b"})),
+        (interact_path(&other_agent), json!({"message": "a"})),
+        (
+            interact_path(&agent),
+            json!({"message": "a", "metadata": {"x": 1}}),
+        ),
+    ] {
+        let reused = post_with(&server, &path, &key, &headers, &request).await;
+        assert_eq!(reused.status, 422, "{request}: {}", reused.body);
+        assert_eq!(
+            reused.body["error"]["code"],
+            json!("idempotency_key_reused")
+        );
+    }
+    let repeat = post_with(
+        &server,
+        &interact_path(&agent),
+        &key,
+        &headers,
+        &json!({"message": "a"}),
+    )
+    .await;
+    assert_eq!(repeat.body["session_id"], first.body["session_id"]);
+}

@@ -26,6 +26,8 @@ pub enum ApiError {
     Conflict(String),
     #[error("method not allowed on this route")]
     MethodNotAllowed,
+    #[error("Idempotency-Key was already used with a different request")]
+    IdempotencyKeyReused,
     /// Something on our side failed; the client sees only a bare message.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -50,6 +52,7 @@ impl ApiError {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -63,6 +66,7 @@ impl ApiError {
             Self::NotFound(_) => "not_found",
             Self::Conflict(_) => "conflict",
             Self::MethodNotAllowed => "method_not_allowed",
+            Self::IdempotencyKeyReused => "idempotency_key_reused",
             Self::Internal(_) => "internal_error",
         }
     }

@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -199,6 +200,7 @@ pub async fn interact(
     let agent = agent.ok_or(ApiError::NotFound("agent"))?;
 
     let is_async = interaction.callback_url.is_some();
+    let fingerprint = fingerprint(&agent_id, &interaction);
     let new = NewSession {
         id: new_id(),
         org_id: org.id.clone(),
@@ -207,6 +209,7 @@ pub async fn interact(
         metadata: interaction.metadata,
         callback_url: interaction.callback_url,
         idempotency_key,
+        fingerprint,
         created_at: now_ms(),
     };
     let session_id = match state.store.create_session(new).await? {
@@ -216,6 +219,7 @@ pub async fn interact(
             id
         }
         Created::Existing(id) => id,
+        Created::KeyReused => return Err(ApiError::IdempotencyKeyReused),
     };
 
     if is_async {
@@ -228,6 +232,17 @@ pub async fn interact(
     }
     let session = wait_for_end(&state, &org.id, &session_id).await?;
     Ok((StatusCode::OK, Json(result_json(&state, &session))))
+}
+
+/// SHA-256 of the agent and everything the interaction asked for.
+fn fingerprint(agent_id: &str, interaction: &Interaction) -> Vec<u8> {
+    let asked = json!([
+        agent_id,
+        interaction.input,
+        interaction.callback_url,
+        interaction.metadata
+    ]);
+    Sha256::digest(asked.to_string().as_bytes()).to_vec()
 }
 
 /// Waits until the session ends or the sync timeout passes, whichever first.

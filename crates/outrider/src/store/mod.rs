@@ -74,6 +74,9 @@ pub struct NewSession {
     pub metadata: Option<Value>,
     pub callback_url: Option<String>,
     pub idempotency_key: Option<String>,
+    /// What the request asked for, hashed, to tell a true repeat of an
+    /// idempotency key from a reuse.
+    pub fingerprint: Vec<u8>,
     pub created_at: Millis,
 }
 
@@ -84,6 +87,8 @@ pub enum Created {
     New(String),
     /// The idempotency key was seen before: this is the first session.
     Existing(String),
+    /// The idempotency key was seen before with a different request.
+    KeyReused,
 }
 
 /// How a session ended.

@@ -194,23 +194,29 @@ async fn insert_session(tx: &mut SqliteConnection, new: &NewSession) -> Result<C
     // session that was created for it.
     if let Some(key) = &new.idempotency_key {
         let claimed = sqlx::query(
-            "INSERT INTO idempotency_keys (org_id, key, session_id, created_at)
-             VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            "INSERT INTO idempotency_keys (org_id, key, session_id, fingerprint, created_at)
+             VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
         )
         .bind(&new.org_id)
         .bind(key)
         .bind(&new.id)
+        .bind(&new.fingerprint)
         .bind(new.created_at)
         .execute(&mut *tx)
         .await?;
         if claimed.rows_affected() == 0 {
-            let existing: String = sqlx::query_scalar(
-                "SELECT session_id FROM idempotency_keys WHERE org_id = ? AND key = ?",
+            let (existing, fingerprint): (String, Option<Vec<u8>>) = sqlx::query_as(
+                "SELECT session_id, fingerprint FROM idempotency_keys
+                 WHERE org_id = ? AND key = ?",
             )
             .bind(&new.org_id)
             .bind(key)
             .fetch_one(&mut *tx)
             .await?;
+            // Keys stored before fingerprints existed match any request.
+            if fingerprint.is_some_and(|f| f != new.fingerprint) {
+                return Ok(Created::KeyReused);
+            }
             return Ok(Created::Existing(existing));
         }
     }
