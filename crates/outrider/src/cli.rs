@@ -6,7 +6,7 @@ use serde_json::json;
 use crate::api::{attempt_json, delivery_json, generate_signing_secret, ApiKeyParts};
 use crate::app::Application;
 use crate::config::{DatabaseConfig, ServeConfig};
-use crate::domain::{new_id, now_ms};
+use crate::domain::{new_id, now_ms, rfc3339};
 use crate::store::{self, NewOrg, Redelivery};
 
 /// Outrider: runs AI agents on request and reports back with signed callbacks.
@@ -78,6 +78,19 @@ pub enum OrgCommand {
         #[command(flatten)]
         database: DatabaseConfig,
     },
+    /// Add a new signing secret; the old ones keep signing for a grace period.
+    RotateSecret {
+        /// The organisation's id.
+        org_id: String,
+        /// How long callbacks carry a signature for the old secrets too.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        grace: std::time::Duration,
+        /// Print the result as one JSON object.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        database: DatabaseConfig,
+    },
 }
 
 impl Cli {
@@ -89,6 +102,12 @@ impl Cli {
                 json,
                 database,
             }) => create_org(&name, json, &database).await,
+            Command::Org(OrgCommand::RotateSecret {
+                org_id,
+                grace,
+                json,
+                database,
+            }) => rotate_secret(&org_id, grace, json, &database).await,
             Command::Callbacks(command) => callbacks(command).await,
         }
     }
@@ -185,6 +204,36 @@ async fn callbacks(command: CallbacksCommand) -> anyhow::Result<()> {
                 Redelivery::NotFound => anyhow::bail!("no callback {id}"),
             }
         }
+    }
+    Ok(())
+}
+
+async fn rotate_secret(
+    org_id: &str,
+    grace: std::time::Duration,
+    as_json: bool,
+    database: &DatabaseConfig,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        grace.as_secs() <= 30 * 24 * 3600,
+        "--grace must be at most 30 days"
+    );
+    let store = store::open(&database.database_url).await?;
+    let secret = generate_signing_secret();
+    let retire_at = now_ms() + grace.as_millis() as i64;
+    anyhow::ensure!(
+        store.rotate_secret(org_id, &secret, retire_at).await?,
+        "no organisation {org_id}"
+    );
+    if as_json {
+        let out = json!({"signing_secret": secret, "previous_retire_at": rfc3339(retire_at)});
+        println!("{out}");
+    } else {
+        println!("signing secret: {secret}");
+        println!(
+            "The previous secrets keep signing until {}.",
+            rfc3339(retire_at)
+        );
     }
     Ok(())
 }

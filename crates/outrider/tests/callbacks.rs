@@ -38,11 +38,11 @@ fn assert_signed(request: &Recorded, secret: &str) -> u64 {
         .strip_prefix("t=")
         .and_then(|rest| rest.split_once(",sig="))
         .unwrap_or_else(|| panic!("unexpected header {header}"));
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
-    mac.update(format!("{t}.").as_bytes());
-    mac.update(&request.body);
-    let expected = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
-    assert_eq!(sig, expected, "signature over the raw body bytes");
+    assert_eq!(
+        sig,
+        hmac_b64(secret, t, &request.body),
+        "signature over the raw body bytes"
+    );
 
     let t: u64 = t.parse().expect("t is unix seconds");
     let now = std::time::SystemTime::now()
@@ -655,4 +655,96 @@ async fn cancelling_a_running_session_stops_it_at_once_and_reports_cancelled() {
         .get(&format!("/v1/agent-sessions/{session}"), &org.api_key)
         .await;
     assert_eq!(state["status"], json!("cancelled"));
+}
+
+/// The `sig=` values of a request's signature header, with `t`.
+fn signatures(request: &Recorded) -> (String, Vec<String>) {
+    let header = request
+        .header("x-scout-signature")
+        .expect("signature header");
+    let mut t = String::new();
+    let mut sigs = Vec::new();
+    for part in header.split(',') {
+        match part.split_once('=') {
+            Some(("t", value)) => t = value.to_owned(),
+            Some(("sig", value)) => sigs.push(value.to_owned()),
+            _ => panic!("unexpected part {part:?} in {header}"),
+        }
+    }
+    (t, sigs)
+}
+
+fn hmac_b64(secret: &str, t: &str, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+    mac.update(format!("{t}.").as_bytes());
+    mac.update(body);
+    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+}
+
+#[tokio::test]
+async fn a_rotated_secret_signs_beside_the_old_one_until_the_grace_period_ends() {
+    let receiver = Receiver::start(vec![]).await;
+    let server = server_for(&receiver, &[]);
+    let org = server.org("acme");
+    let agent = server.echo_agent(&org.api_key, "done").await;
+
+    let (status, rotated) = server
+        .post("/v1/signing-secrets/rotate", &org.api_key, json!({}))
+        .await;
+    assert_eq!(status, 201, "{rotated}");
+    let new_secret = rotated["signing_secret"]
+        .as_str()
+        .expect("secret")
+        .to_owned();
+    assert_ne!(new_secret, org.signing_secret);
+
+    let request = json!({"message": "go", "callback_url": receiver.url("/hook")});
+    interact(&server, &org.api_key, &agent, request.clone()).await;
+    let first = receiver.wait_for(1, WAIT).await.remove(0);
+    let (t, sigs) = signatures(&first);
+    let expected = [&org.signing_secret, &new_secret].map(|s| hmac_b64(s, &t, &first.body));
+    assert_eq!(sigs, expected, "one sig= per active secret, oldest first");
+
+    // With no grace period, only the newest secret signs.
+    let path = "/v1/signing-secrets/rotate?grace_seconds=0";
+    let (status, latest) = server.post(path, &org.api_key, json!({})).await;
+    assert_eq!(status, 201, "{latest}");
+    let latest = latest["signing_secret"]
+        .as_str()
+        .expect("secret")
+        .to_owned();
+    interact(&server, &org.api_key, &agent, request).await;
+    let second = receiver.wait_for(2, WAIT).await.remove(1);
+    let (t, sigs) = signatures(&second);
+    assert_eq!(sigs, [hmac_b64(&latest, &t, &second.body)]);
+
+    let (status, _) = server
+        .post(
+            "/v1/signing-secrets/rotate?grace_seconds=-1",
+            &org.api_key,
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 400);
+}
+
+#[tokio::test]
+async fn the_cli_rotates_a_secret() {
+    let server = Server::start(&[]);
+    let org = server.org("acme");
+    let run = |org_id: &str| {
+        std::process::Command::new(support::server::binary())
+            .args(["org", "rotate-secret", org_id, "--json", "--grace", "1h"])
+            .args(["--database-url", &server.database_url()])
+            .output()
+            .expect("run outrider")
+    };
+    let output = run(&org.org_id);
+    assert!(output.status.success(), "{output:?}");
+    let printed: Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    assert!(printed["signing_secret"]
+        .as_str()
+        .expect("secret")
+        .starts_with("whsec_"));
+    assert!(!run("no-such-org").status.success());
 }

@@ -7,7 +7,7 @@ use axum::Json;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 
-use super::auth::Org;
+use super::auth::{generate_signing_secret, Org};
 use super::{page, page_limit, ApiError, ApiResult, AppState, Id, JsonResponse};
 use crate::domain::{now_ms, rfc3339};
 use crate::store::{AttemptState, DeliveryState, Redelivery};
@@ -109,4 +109,41 @@ pub async fn redeliver(
         )),
         Redelivery::NotFound => Err(ApiError::NotFound("callback")),
     }
+}
+
+/// The longest grace period a rotation may give the old secrets.
+const MAX_GRACE_SECONDS: u64 = 30 * 24 * 3600;
+
+/// `POST /v1/signing-secrets/rotate?grace_seconds=`: a new signing secret.
+///
+/// Until the grace period ends (default 24 h) callbacks carry one `sig=`
+/// for the old secrets and one for the new; then the old ones retire.
+pub async fn rotate_secret(
+    State(state): State<AppState>,
+    org: Org,
+    Query(query): Query<HashMap<String, String>>,
+) -> ApiResult<JsonResponse> {
+    let grace = match query.get("grace_seconds") {
+        None => 24 * 3600,
+        Some(raw) => raw
+            .parse::<u64>()
+            .ok()
+            .filter(|grace| *grace <= MAX_GRACE_SECONDS)
+            .ok_or_else(|| {
+                let message = format!("must be an integer from 0 to {MAX_GRACE_SECONDS}");
+                ApiError::field("grace_seconds", message)
+            })?,
+    };
+    let secret = generate_signing_secret();
+    let retire_at = now_ms() + (grace * 1000) as i64;
+    if !state
+        .store
+        .rotate_secret(&org.id, &secret, retire_at)
+        .await?
+    {
+        return Err(ApiError::NotFound("organisation"));
+    }
+    tracing::info!(org.id = %org.id, grace, "signing secret rotated");
+    let body = json!({ "signing_secret": secret, "previous_retire_at": rfc3339(retire_at) });
+    Ok((StatusCode::CREATED, Json(body)))
 }

@@ -84,6 +84,7 @@ pub fn router(state: AppState) -> Router {
             get(callbacks::for_session),
         )
         .route("/v1/callbacks", get(callbacks::list))
+        .route("/v1/signing-secrets/rotate", post(callbacks::rotate_secret))
         .route(
             "/v1/callbacks/{callback_id}/redeliver",
             post(callbacks::redeliver),

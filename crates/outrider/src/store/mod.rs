@@ -214,7 +214,11 @@ pub enum CancelResult {
 pub trait Store: Send + Sync + 'static {
     async fn create_org(&self, org: NewOrg) -> Result<()>;
     async fn api_key(&self, key_id: &str) -> Result<Option<ApiKey>>;
+    /// The organisation's active signing secrets, oldest first.
     async fn signing_secrets(&self, org_id: &str) -> Result<Vec<String>>;
+    /// Adds a signing secret; the ones active now retire at `retire_at`.
+    /// False if there is no such organisation.
+    async fn rotate_secret(&self, org_id: &str, secret: &str, retire_at: Millis) -> Result<bool>;
 
     async fn insert_agent(&self, agent: &Agent) -> Result<()>;
     async fn agent(&self, org_id: &str, id: &str) -> Result<Option<Agent>>;

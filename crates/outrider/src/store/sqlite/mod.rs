@@ -145,13 +145,41 @@ impl Store for SqliteStore {
         let secrets = sqlx::query_scalar(
             "SELECT secret FROM signing_secrets
              WHERE org_id = ? AND (retires_at IS NULL OR retires_at > ?)
-             ORDER BY created_at",
+             ORDER BY created_at, rowid",
         )
         .bind(org_id)
         .bind(now_ms())
         .fetch_all(&self.reader)
         .await?;
         Ok(secrets)
+    }
+
+    async fn rotate_secret(&self, org_id: &str, secret: &str, retire_at: Millis) -> Result<bool> {
+        let now = now_ms();
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM orgs WHERE id = ?")
+            .bind(org_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if exists.is_none() {
+            return Ok(false);
+        }
+        sqlx::query(
+            "UPDATE signing_secrets SET retires_at = ?1
+             WHERE org_id = ?2 AND (retires_at IS NULL OR retires_at > ?1)",
+        )
+        .bind(retire_at)
+        .bind(org_id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("INSERT INTO signing_secrets (org_id, secret, created_at) VALUES (?, ?, ?)")
+            .bind(org_id)
+            .bind(secret)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     async fn insert_agent(&self, agent: &Agent) -> Result<()> {
