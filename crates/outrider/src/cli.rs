@@ -7,6 +7,7 @@ use crate::api::{attempt_json, delivery_json, generate_signing_secret, ApiKeyPar
 use crate::app::Application;
 use crate::config::{DatabaseConfig, ServeConfig};
 use crate::domain::{new_id, now_ms, rfc3339};
+use crate::listen::ListenConfig;
 use crate::store::{self, NewOrg, Redelivery};
 
 /// Outrider: runs AI agents on request and reports back with signed callbacks.
@@ -27,6 +28,8 @@ pub enum Command {
     /// Inspect and redeliver callbacks.
     #[command(subcommand)]
     Callbacks(CallbacksCommand),
+    /// Run a local HTTPS receiver that verifies and prints callbacks.
+    Listen(ListenConfig),
 }
 
 #[derive(Debug, Subcommand)]
@@ -109,6 +112,7 @@ impl Cli {
                 database,
             }) => rotate_secret(&org_id, grace, json, &database).await,
             Command::Callbacks(command) => callbacks(command).await,
+            Command::Listen(config) => crate::listen::run(config).await,
         }
     }
 }

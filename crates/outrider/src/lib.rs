@@ -15,6 +15,7 @@
 //! - [`tools`]: the built-in tools agents may use.
 //! - [`delivery`]: the callback outbox, retry policy, URL guard and signing.
 //! - [`domain`]: the types all of them share.
+//! - [`listen`]: `outrider listen`, a local HTTPS receiver for development.
 //!
 //! Signatures themselves live in the `outrider-signature` crate, which
 //! receivers can embed.
@@ -25,6 +26,7 @@ pub mod cli;
 pub mod config;
 pub mod delivery;
 pub mod domain;
+pub mod listen;
 pub mod providers;
 pub mod runtime;
 pub mod serve;
