@@ -27,6 +27,7 @@ pub struct Application {
     header_timeout: std::time::Duration,
     workers: Option<Arc<Workers>>,
     dispatcher: Arc<Dispatcher>,
+    stop: watch::Sender<bool>,
 }
 
 impl Application {
@@ -50,6 +51,7 @@ impl Application {
         let delivery_ready = Arc::new(Notify::new());
         let (finished, _) = broadcast::channel(1024);
         let running = Running::default();
+        let (stop, stopping) = watch::channel(false);
 
         let tls = tls_config(config.callback_ca_file.as_deref())?;
         let client = CallbackClient::new(guard.clone(), config.callback_timeout, tls)?;
@@ -96,6 +98,8 @@ impl Application {
             delivery_ready,
             finished,
             running,
+            stopping,
+            body_timeout: config.header_timeout,
             callback_deadline: config.callback_deadline,
         };
         Ok(Self {
@@ -104,6 +108,7 @@ impl Application {
             header_timeout: config.header_timeout,
             workers,
             dispatcher,
+            stop,
         })
     }
 
@@ -122,13 +127,21 @@ impl Application {
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let (stop, stopped) = watch::channel(false);
+        let stop = self.stop;
+        let stopped = stop.subscribe();
         let mut background: Vec<JoinHandle<()>> = Vec::new();
         if let Some(workers) = self.workers {
             background.push(tokio::spawn(workers.run(stopped.clone())));
         }
-        background.push(tokio::spawn(self.dispatcher.run(stopped.clone())));
+        background.push(tokio::spawn(self.dispatcher.run(stopped)));
 
+        // Stopping is announced before open requests drain, so that event
+        // streams and synchronous calls answer instead of holding the drain.
+        let announce = stop.clone();
+        let shutdown = async move {
+            shutdown.await;
+            let _ = announce.send(true);
+        };
         crate::serve::serve(self.listener, self.router, self.header_timeout, shutdown).await;
         let _ = stop.send(true);
         for task in background {

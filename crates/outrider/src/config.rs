@@ -33,8 +33,8 @@ pub struct ServeConfig {
     #[arg(long, env = "OUTRIDER_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
-    /// How long a client has to send a request's head (also how long an idle
-    /// connection stays open).
+    /// How long a client has to send a request's head, and then again its
+    /// body (also how long an idle connection stays open).
     #[arg(long, env = "OUTRIDER_HEADER_TIMEOUT", default_value = "30s",
           value_parser = parse_duration)]
     pub header_timeout: Duration,

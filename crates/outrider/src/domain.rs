@@ -46,6 +46,7 @@ pub enum ModelProvider {
 
 /// One scripted model reply: text, tool calls, or both.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ScriptedReply {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
@@ -55,6 +56,7 @@ pub struct ScriptedReply {
 
 /// A tool call in a scripted reply.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ScriptedToolCall {
     pub name: String,
     #[serde(default = "empty_object")]

@@ -826,6 +826,30 @@ async fn a_repeated_idempotency_key_on_a_queued_session_creates_nothing_new() {
     assert_eq!((first.status, second.status), (202, 202));
     assert_eq!(first.body["session_id"], second.body["session_id"]);
     assert_eq!(first.body["events_url"], second.body["events_url"]);
+    assert_eq!(second.body["status"], "queued");
+}
+
+#[tokio::test]
+async fn a_repeated_idempotency_key_answers_with_the_sessions_current_status() {
+    let server = Server::start(&[]);
+    let key = server.org("acme").api_key;
+    let agent = server.echo_agent(&key, "x").await;
+    let path = interact_path(&agent);
+    let request = json!({"message": "hi", "callback_url": HOOK});
+    let headers = [("Idempotency-Key", "k2")];
+
+    let first = post_with(&server, &path, &key, &headers, &request).await;
+    assert_eq!(first.status, 202, "{}", first.body);
+    let session = first.body["session_id"].as_str().expect("session_id");
+    server
+        .wait_session(&key, session, Duration::from_secs(20), |s| {
+            s["status"] == "succeeded"
+        })
+        .await;
+    let again = post_with(&server, &path, &key, &headers, &request).await;
+    assert_eq!(again.status, 202, "{}", again.body);
+    assert_eq!(again.body["session_id"], json!(session));
+    assert_eq!(again.body["status"], "succeeded");
 }
 
 #[tokio::test]
@@ -1477,4 +1501,153 @@ async fn an_idempotency_key_reused_for_a_different_request_answers_422() {
     )
     .await;
     assert_eq!(repeat.body["session_id"], first.body["session_id"]);
+}
+
+#[tokio::test]
+async fn resuming_a_finished_sessions_stream_after_its_last_event_ends_at_once() {
+    let server = Server::start(&[]);
+    let key = server.org("acme").api_key;
+    let agent = server.echo_agent(&key, "done").await;
+    let answer = post_with(
+        &server,
+        &interact_path(&agent),
+        &key,
+        &[],
+        &json!({"message": "hi"}),
+    )
+    .await;
+    assert_eq!(answer.body["status"], "succeeded", "{}", answer.body);
+    let session = answer.body["session_id"].as_str().expect("session_id");
+    let (_, page) = server.get(&events_path(session), &key).await;
+    let last = page["events"]
+        .as_array()
+        .and_then(|events| events.last())
+        .and_then(|event| event["seq"].as_i64())
+        .expect("a last event");
+
+    for cursor in [last.to_string(), "100000".to_owned()] {
+        let started = std::time::Instant::now();
+        let events = read_stream(&server, &key, &events_path(session), Some(&cursor)).await;
+        assert!(events.is_empty(), "after {cursor}: {events:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "after {cursor} the stream took {:?} to end",
+            started.elapsed()
+        );
+    }
+    let events = read_stream(
+        &server,
+        &key,
+        &events_path(session),
+        Some(&(last - 1).to_string()),
+    )
+    .await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].1, "session_end");
+}
+
+#[tokio::test]
+async fn a_body_that_stops_arriving_answers_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = Server::start(&["--header-timeout", "1s"]);
+    let key = server.org("acme").api_key;
+    let address = server.base.trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&address)
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /v1/agents HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"name\":"
+    );
+    stream
+        .write_all(head.as_bytes())
+        .await
+        .expect("send the head");
+
+    let mut answer = Vec::new();
+    let read = stream.read_to_end(&mut answer);
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("the server answers and closes")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"request_timeout\""), "{answer}");
+}
+
+#[tokio::test]
+async fn unknown_fields_in_a_script_are_refused() {
+    let server = Server::start(&[]);
+    let key = server.org("acme").api_key;
+    for (script, field) in [
+        (json!([{"content": "x", "bar": 1}]), "script[0].bar"),
+        (
+            json!([{"tool_calls": [{"name": "echo", "id": "c1"}]}]),
+            "script[0].tool_calls[0].id",
+        ),
+    ] {
+        let spec = json!({"model_provider": "scripted", "tools": ["echo"], "script": script});
+        let (status, body) = server.post("/v1/agents", &key, spec).await;
+        assert_field_error(status, &body, field);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_ends_event_streams_and_answers_waiting_calls() {
+    let mut server = Server::start(&["--workers", "0"]);
+    let key = server.org("acme").api_key;
+    let agent = server.echo_agent(&key, "never runs").await;
+    let path = interact_path(&agent);
+    let queued = post_with(
+        &server,
+        &path,
+        &key,
+        &[],
+        &json!({"message": "a", "callback_url": HOOK}),
+    )
+    .await;
+    let session = queued.body["session_id"]
+        .as_str()
+        .expect("session_id")
+        .to_owned();
+
+    let stream = {
+        let request = server
+            .http
+            .get(server.url(&events_path(&session)))
+            .bearer_auth(&key)
+            .header("Accept", "text/event-stream");
+        tokio::spawn(async move {
+            let mut response = request.send().await.expect("stream request");
+            let mut text = String::new();
+            while let Ok(Some(chunk)) = response.chunk().await {
+                text.push_str(&String::from_utf8_lossy(&chunk));
+            }
+            text
+        })
+    };
+    let waiting = {
+        let request = server
+            .http
+            .post(server.url(&path))
+            .bearer_auth(&key)
+            .json(&json!({"message": "b"}));
+        tokio::spawn(async move {
+            let response = request.send().await.expect("sync request");
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.expect("JSON"))
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let took = tokio::task::block_in_place(|| server.terminate(Duration::from_secs(8)));
+    let took = took.expect("the server exits well within its 10 s drain");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    let (status, body) = waiting.await.expect("joined");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "queued", "{body}");
+    tokio::time::timeout(Duration::from_secs(5), stream)
+        .await
+        .expect("the stream ended")
+        .expect("joined");
 }

@@ -748,3 +748,81 @@ async fn the_cli_rotates_a_secret() {
         .starts_with("whsec_"));
     assert!(!run("no-such-org").status.success());
 }
+
+/// Starts `outrider listen` on port 0 and returns it with the URL it prints.
+fn start_listen(
+    dir: &std::path::Path,
+    secret: Option<&str>,
+) -> (
+    std::process::Child,
+    std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+    String,
+) {
+    use std::io::{BufRead, BufReader};
+    let mut command = std::process::Command::new(support::server::binary());
+    command
+        .args(["listen", "--listen", "127.0.0.1:0", "--dir"])
+        .arg(dir);
+    if let Some(secret) = secret {
+        command.args(["--secret", secret]);
+    }
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn outrider listen");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let first = lines.next().expect("a first line").expect("utf-8");
+    let url = first
+        .split_whitespace()
+        .find(|word| word.starts_with("https://"))
+        .expect("the URL")
+        .to_owned();
+    (child, lines, url)
+}
+
+#[tokio::test]
+async fn outrider_listen_receives_and_verifies_callbacks() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // The first start makes the CA the server must trust; the second reuses it.
+    let (mut first, _, _) = start_listen(dir.path(), None);
+    let _ = first.kill();
+    let _ = first.wait();
+    let ca = dir.path().join("ca.pem");
+    let server = Server::start(&[
+        "--callback-allow",
+        "127.0.0.0/8,::1",
+        "--callback-ca-file",
+        ca.to_str().expect("utf-8 path"),
+    ]);
+    let org = server.org("acme");
+    let (mut listen, mut lines, url) = start_listen(dir.path(), Some(&org.signing_secret));
+
+    let agent = server.echo_agent(&org.api_key, "from listen").await;
+    let request = json!({"message": "go", "callback_url": format!("{url}hook")});
+    let session = interact(&server, &org.api_key, &agent, request).await;
+
+    let printed = tokio::task::spawn_blocking(move || {
+        let mut seen = String::new();
+        for line in lines.by_ref() {
+            let line = line.expect("utf-8");
+            seen.push_str(&line);
+            seen.push('\n');
+            if line.contains("from listen") {
+                break;
+            }
+        }
+        seen
+    });
+    let printed = tokio::time::timeout(WAIT, printed)
+        .await
+        .expect("printed")
+        .expect("joined");
+    assert!(printed.contains("signature ok"), "{printed}");
+    assert!(printed.contains(&session), "{printed}");
+    server
+        .wait_session(&org.api_key, &session, WAIT, |s| {
+            s["callback"]["status"] == "succeeded"
+        })
+        .await;
+    let _ = listen.kill();
+}

@@ -18,6 +18,8 @@ pub enum ApiError {
     InvalidJson(String),
     #[error("request body exceeds {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    #[error("request body did not arrive within {seconds}s")]
+    BodyTimeout { seconds: u64 },
     #[error("missing or invalid API key")]
     Unauthorized,
     #[error("{0} not found")]
@@ -48,6 +50,7 @@ impl ApiError {
         match self {
             Self::InvalidField { .. } | Self::InvalidJson(_) => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
@@ -62,6 +65,7 @@ impl ApiError {
             Self::InvalidField { .. } => "invalid_request",
             Self::InvalidJson(_) => "invalid_json",
             Self::PayloadTooLarge { .. } => "payload_too_large",
+            Self::BodyTimeout { .. } => "request_timeout",
             Self::Unauthorized => "unauthorized",
             Self::NotFound(_) => "not_found",
             Self::Conflict(_) => "conflict",
@@ -96,6 +100,12 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if status == StatusCode::REQUEST_TIMEOUT {
+            // The rest of the body may still be on its way: do not wait for it.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
     }

@@ -47,6 +47,12 @@ pub struct AppState {
     pub finished: broadcast::Sender<String>,
     /// Sessions running in this process, for cancel requests.
     pub running: crate::worker::Running,
+    /// How long a request body may take to arrive once its head has (the
+    /// same bound as `--header-timeout` puts on the head).
+    pub body_timeout: Duration,
+    /// Turns `true` when the server begins to shut down, so that long
+    /// waits (event streams, synchronous calls) answer at once.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
     /// Callback deadline, used when a queued session is cancelled.
     pub callback_deadline: Duration,
 }
@@ -100,10 +106,10 @@ pub fn router(state: AppState) -> Router {
 /// The `Content-Type` is not insisted on: a body that parses is accepted.
 pub struct JsonBody<T>(pub T);
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     type Rejection = ApiError;
 
-    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, Self::Rejection> {
         // A declared length over the limit is refused before reading anything.
         let declared = request
             .headers()
@@ -114,8 +120,12 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
                 limit: MAX_BODY_BYTES,
             });
         }
-        let bytes = axum::body::Bytes::from_request(request, state)
+        let read = axum::body::Bytes::from_request(request, state);
+        let bytes = tokio::time::timeout(state.body_timeout, read)
             .await
+            .map_err(|_| ApiError::BodyTimeout {
+                seconds: state.body_timeout.as_secs(),
+            })?
             .map_err(body_error)?;
         if bytes.is_empty() {
             return Err(ApiError::InvalidJson("the body is empty".into()));

@@ -212,13 +212,18 @@ pub async fn interact(
         fingerprint,
         created_at: now_ms(),
     };
-    let session_id = match state.store.create_session(new).await? {
+    let (session_id, status) = match state.store.create_session(new).await? {
         Created::New(id) => {
             state.work_ready.notify_one();
             tracing::debug!(session.id = %id, agent.id = %agent_id, "session queued");
-            id
+            (id, SessionStatus::Queued)
         }
-        Created::Existing(id) => id,
+        Created::Existing(id) => {
+            // A repeated key answers with the session as it now stands.
+            let session = state.store.session(&org.id, &id).await?;
+            let status = session.map_or(SessionStatus::Queued, |session| session.status);
+            (id, status)
+        }
         Created::KeyReused => return Err(ApiError::IdempotencyKeyReused),
     };
 
@@ -226,7 +231,7 @@ pub async fn interact(
         let body = json!({
             "session_id": session_id,
             "events_url": state.events_url(&session_id),
-            "status": "queued",
+            "status": status.as_str(),
         });
         return Ok((StatusCode::ACCEPTED, Json(body)));
     }
@@ -252,7 +257,8 @@ async fn wait_for_end(state: &AppState, org_id: &str, session_id: &str) -> ApiRe
     loop {
         let session = state.store.session(org_id, session_id).await?;
         let session = session.ok_or(ApiError::NotFound("session"))?;
-        if session.status.is_terminal() || tokio::time::Instant::now() >= deadline {
+        let stopping = *state.stopping.borrow();
+        if session.status.is_terminal() || stopping || tokio::time::Instant::now() >= deadline {
             return Ok(session);
         }
 
@@ -260,10 +266,17 @@ async fn wait_for_end(state: &AppState, org_id: &str, session_id: &str) -> ApiRe
         // at least every second even without a local announcement.
         let wake = tokio::time::Instant::now() + Duration::from_secs(1);
         let until = wake.min(deadline);
+        let mut stopping = state.stopping.clone();
         let _ = tokio::time::timeout_at(until, async {
-            while let Ok(id) = finished.recv().await {
-                if id == session_id {
-                    break;
+            loop {
+                tokio::select! {
+                    id = finished.recv() => match id {
+                        Ok(id) if id == session_id => break,
+                        Ok(_) => {}
+                        Err(_) => break,
+                    },
+                    // At shutdown, answer with the session as it stands.
+                    Ok(()) = stopping.changed() => break,
                 }
             }
         })
@@ -324,7 +337,7 @@ pub async fn events(
         return Err(ApiError::NotFound("session"));
     }
     if wants_stream(&headers) {
-        return Ok(stream::events(state.store.clone(), session_id, after).into_response());
+        return Ok(stream::events(&state, org.id, session_id, after).into_response());
     }
 
     let rows = state.store.events(&session_id, after, limit + 1).await?;

@@ -69,6 +69,22 @@ impl Server {
         let _ = self.child.wait();
     }
 
+    /// Sends SIGTERM and waits up to `within` for the process to exit;
+    /// returns how long it took, or `None` if it was still running.
+    pub fn terminate(&mut self, within: Duration) -> Option<Duration> {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status();
+        assert!(sent.expect("run kill").success());
+        let started = Instant::now();
+        while started.elapsed() < within {
+            if self.child.try_wait().expect("poll the server").is_some() {
+                return Some(started.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     /// Starts the process again on the same database (new port).
     pub fn restart(&mut self) {
         self.kill();
