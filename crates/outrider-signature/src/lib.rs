@@ -11,6 +11,7 @@
 //! The secret is used as its UTF-8 bytes. During a secret rotation the header
 //! carries one `sig=` per active secret; a receiver accepts the callback if any
 //! of them matches. This crate does no I/O, so a receiver can embed it.
+//! [`standard`] does the same for the Standard Webhooks headers.
 //!
 //! ```
 //! use outrider_signature::{sign, verify};
@@ -24,6 +25,8 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
+
+pub mod standard;
 
 /// Value of the `X-Scout-Signature-Alg` header.
 pub const ALGORITHM: &str = "HMAC-SHA256";
@@ -171,7 +174,7 @@ fn mac(secret: &str, timestamp: u64, body: &[u8]) -> HmacSha256 {
     mac
 }
 
-fn parse_seconds(value: &str) -> Result<u64, VerifyError> {
+pub(crate) fn parse_seconds(value: &str) -> Result<u64, VerifyError> {
     if value.is_empty() || value.len() > 10 || !value.bytes().all(|b| b.is_ascii_digit()) {
         return Err(VerifyError::Malformed("t must be unix seconds"));
     }

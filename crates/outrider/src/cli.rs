@@ -9,6 +9,7 @@ use crate::config::{DatabaseConfig, ServeConfig};
 use crate::domain::{new_id, now_ms, rfc3339};
 use crate::listen::ListenConfig;
 use crate::store::{self, NewOrg, Redelivery};
+use anyhow::Context;
 
 /// Outrider: runs AI agents on request and reports back with signed callbacks.
 #[derive(Debug, Parser)]
@@ -81,6 +82,16 @@ pub enum OrgCommand {
         #[command(flatten)]
         database: DatabaseConfig,
     },
+    /// Show an organisation's settings, changing those given first.
+    Set {
+        /// The organisation's id.
+        org_id: String,
+        /// Also send the Standard Webhooks headers with every callback.
+        #[arg(long, value_parser = parse_switch)]
+        standard_webhooks: Option<bool>,
+        #[command(flatten)]
+        database: DatabaseConfig,
+    },
     /// Add a new signing secret; the old ones keep signing for a grace period.
     RotateSecret {
         /// The organisation's id.
@@ -105,6 +116,11 @@ impl Cli {
                 json,
                 database,
             }) => create_org(&name, json, &database).await,
+            Command::Org(OrgCommand::Set {
+                org_id,
+                standard_webhooks,
+                database,
+            }) => set_org(&org_id, standard_webhooks, &database).await,
             Command::Org(OrgCommand::RotateSecret {
                 org_id,
                 grace,
@@ -166,6 +182,35 @@ async fn create_org(name: &str, as_json: bool, database: &DatabaseConfig) -> any
         println!("signing secret: {}", org.signing_secret);
         println!("Both are shown only now; keep them somewhere safe.");
     }
+    Ok(())
+}
+
+/// `on`/`off` (or `true`/`false`).
+fn parse_switch(value: &str) -> Result<bool, String> {
+    match value {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        _ => Err("expected on or off".to_owned()),
+    }
+}
+
+async fn set_org(
+    org_id: &str,
+    standard_webhooks: Option<bool>,
+    database: &DatabaseConfig,
+) -> anyhow::Result<()> {
+    let store = store::open(&database.database_url).await?;
+    if let Some(on) = standard_webhooks {
+        anyhow::ensure!(
+            store.set_standard_webhooks(org_id, on).await?,
+            "no organisation {org_id}"
+        );
+    }
+    let settings = store
+        .org_settings(org_id)
+        .await?
+        .with_context(|| format!("no organisation {org_id}"))?;
+    println!("{}", crate::api::org_settings_json(&settings));
     Ok(())
 }
 

@@ -749,6 +749,134 @@ async fn the_cli_rotates_a_secret() {
     assert!(!run("no-such-org").status.success());
 }
 
+/// Verifies the Standard Webhooks headers with the `standardwebhooks`
+/// crate, an implementation independent of the server's.
+fn verify_standard(request: &Recorded, secret: &str) -> Result<(), String> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    for (name, value) in &request.headers {
+        let name = reqwest::header::HeaderName::from_bytes(name.as_bytes()).expect("header name");
+        headers.append(name, value.parse().expect("header value"));
+    }
+    let webhook = standardwebhooks::Webhook::new(secret).map_err(|e| e.to_string())?;
+    webhook
+        .verify(&request.body, &headers)
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::test]
+async fn an_organisation_may_also_have_standard_webhooks_headers_sent() {
+    let receiver = Receiver::start(vec![]).await;
+    let server = server_for(&receiver, &[]);
+    let org = server.org("acme");
+    let agent = server.echo_agent(&org.api_key, "done").await;
+    let request = json!({"message": "go", "callback_url": receiver.url("/hook")});
+
+    // Off by default: only the Scout headers.
+    let (status, settings) = server.get("/v1/organization", &org.api_key).await;
+    assert_eq!(status, 200, "{settings}");
+    assert_eq!(settings["standard_webhooks"], false);
+    assert_eq!(settings["id"], json!(org.org_id));
+    interact(&server, &org.api_key, &agent, request.clone()).await;
+    let plain = receiver.wait_for(1, WAIT).await.remove(0);
+    assert_signed(&plain, &org.signing_secret);
+    assert_eq!(plain.header("webhook-signature"), None);
+
+    let patch = json!({"standard_webhooks": true});
+    let (status, settings) = server
+        .call(
+            reqwest::Method::PATCH,
+            "/v1/organization",
+            Some(&org.api_key),
+            Some(patch),
+        )
+        .await;
+    assert_eq!(status, 200, "{settings}");
+    assert_eq!(settings["standard_webhooks"], true);
+
+    let session = interact(&server, &org.api_key, &agent, request.clone()).await;
+    let signed = receiver.wait_for(2, WAIT).await.remove(1);
+    assert_signed(&signed, &org.signing_secret);
+    verify_standard(&signed, &org.signing_secret).expect("verifies as Standard Webhooks");
+    assert_eq!(
+        signed.header("webhook-id"),
+        body_of(&signed)["callback_event_id"].as_str()
+    );
+    assert_eq!(body_of(&signed)["session_id"], json!(session));
+    let other = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    assert!(
+        verify_standard(&signed, other).is_err(),
+        "another secret fails"
+    );
+
+    // During a rotation both secrets sign, and either verifies.
+    let (status, rotated) = server
+        .post("/v1/signing-secrets/rotate", &org.api_key, json!({}))
+        .await;
+    assert_eq!(status, 201, "{rotated}");
+    let new_secret = rotated["signing_secret"].as_str().expect("secret");
+    interact(&server, &org.api_key, &agent, request).await;
+    let rotating = receiver.wait_for(3, WAIT).await.remove(2);
+    let values = rotating.header("webhook-signature").expect("signature");
+    assert_eq!(values.split(' ').count(), 2, "{values}");
+    verify_standard(&rotating, &org.signing_secret).expect("the old secret verifies");
+    verify_standard(&rotating, new_secret).expect("the new secret verifies");
+}
+
+#[tokio::test]
+async fn organisation_settings_refuse_bad_input() {
+    let server = Server::start(&[]);
+    let org = server.org("acme");
+    for (body, field) in [
+        (json!({"standard_webhooks": "yes"}), "standard_webhooks"),
+        (json!({"standard_webhook": true}), "standard_webhook"),
+    ] {
+        let (status, answer) = server
+            .call(
+                reqwest::Method::PATCH,
+                "/v1/organization",
+                Some(&org.api_key),
+                Some(body),
+            )
+            .await;
+        assert_eq!(status, 400, "{answer}");
+        assert_eq!(answer["error"]["field"], field, "{answer}");
+    }
+    let (status, _) = server.get("/v1/organization", "ork_wrong").await;
+    assert_eq!(status, 401);
+    let (_, settings) = server.get("/v1/organization", &org.api_key).await;
+    assert_eq!(settings["standard_webhooks"], false, "nothing changed");
+}
+
+#[tokio::test]
+async fn the_cli_turns_standard_webhooks_on_and_off() {
+    let server = Server::start(&[]);
+    let org = server.org("acme");
+    let run = |args: &[&str]| {
+        std::process::Command::new(support::server::binary())
+            .args(["org", "set"])
+            .args(args)
+            .args(["--database-url", &server.database_url()])
+            .output()
+            .expect("run outrider")
+    };
+    let on = run(&[&org.org_id, "--standard-webhooks", "on"]);
+    assert!(on.status.success(), "{on:?}");
+    let printed: Value = serde_json::from_slice(&on.stdout).expect("JSON");
+    assert_eq!(printed["standard_webhooks"], true);
+    let (_, settings) = server.get("/v1/organization", &org.api_key).await;
+    assert_eq!(settings["standard_webhooks"], true);
+
+    let off = run(&[&org.org_id, "--standard-webhooks", "off"]);
+    let printed: Value = serde_json::from_slice(&off.stdout).expect("JSON");
+    assert_eq!(printed["standard_webhooks"], false);
+    assert!(!run(&[&org.org_id, "--standard-webhooks", "maybe"])
+        .status
+        .success());
+    assert!(!run(&["no-such-org", "--standard-webhooks", "on"])
+        .status
+        .success());
+}
+
 /// Starts `outrider listen` on port 0 and returns it with the URL it prints.
 fn start_listen(
     dir: &std::path::Path,

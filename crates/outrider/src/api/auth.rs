@@ -8,7 +8,7 @@
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
@@ -96,11 +96,12 @@ impl ApiKeyParts {
     }
 }
 
-/// A new random signing secret.
+/// A new random signing secret: `whsec_` and 32 random bytes in standard
+/// base64, the form Standard Webhooks libraries decode.
 pub fn generate_signing_secret() -> String {
     let mut secret = [0u8; 32];
     rand::rng().fill_bytes(&mut secret);
-    format!("whsec_{}", URL_SAFE_NO_PAD.encode(secret))
+    format!("whsec_{}", STANDARD.encode(secret))
 }
 
 #[cfg(test)]

@@ -7,12 +7,14 @@ mod agents;
 mod auth;
 mod callbacks;
 mod error;
+mod organization;
 mod sessions;
 mod stream;
 
 pub use auth::{generate_signing_secret, hash_key_secret, ApiKeyParts};
 pub use callbacks::{attempt_json, delivery_json};
 pub use error::{ApiError, ApiResult};
+pub use organization::settings_json as org_settings_json;
 
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, Request};
@@ -91,6 +93,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/callbacks", get(callbacks::list))
         .route("/v1/signing-secrets/rotate", post(callbacks::rotate_secret))
+        .route(
+            "/v1/organization",
+            get(organization::show).patch(organization::update),
+        )
         .route(
             "/v1/callbacks/{callback_id}/redeliver",
             post(callbacks::redeliver),

@@ -16,7 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::guard::{Guard, GuardError};
-use outrider_signature::{ALGORITHM, ALGORITHM_HEADER, SIGNATURE_HEADER};
+use crate::store::Signing;
+use outrider_signature::{standard, ALGORITHM, ALGORITHM_HEADER, SIGNATURE_HEADER};
 
 /// The most of a receiver's response body that is ever read.
 pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
@@ -63,10 +64,11 @@ impl CallbackClient {
         })
     }
 
-    /// POSTs `body` to `url`, signed fresh with every active secret.
-    pub async fn send(&self, url: &str, body: &[u8], secrets: &[String]) -> AttemptResult {
+    /// POSTs `body` to `url`, signed fresh with every active secret; `id`
+    /// is the callback's `callback_event_id`.
+    pub async fn send(&self, url: &str, id: &str, body: &[u8], signing: &Signing) -> AttemptResult {
         let started = Instant::now();
-        let outcome = tokio::time::timeout(self.budget, self.post(url, body, secrets)).await;
+        let outcome = tokio::time::timeout(self.budget, self.post(url, id, body, signing)).await;
         let duration = started.elapsed();
         match outcome {
             Ok(Ok((status, retry_after))) => AttemptResult {
@@ -87,8 +89,9 @@ impl CallbackClient {
     async fn post(
         &self,
         url: &str,
+        id: &str,
         body: &[u8],
-        secrets: &[String],
+        signing: &Signing,
     ) -> Result<(u16, Option<String>), (&'static str, String)> {
         // Checked again here: the allow-list may have changed since accept,
         // and literal IP hosts never reach the resolver.
@@ -97,15 +100,23 @@ impl CallbackClient {
             .check_url(url)
             .map_err(|e| (e.kind(), e.to_string()))?;
 
-        let timestamp = crate::domain::now_ms() / 1000;
-        let signature = outrider_signature::sign(secrets, timestamp as u64, body);
-        let response = self
+        let timestamp = (crate::domain::now_ms() / 1000) as u64;
+        let signature = outrider_signature::sign(&signing.secrets, timestamp, body);
+        let mut request = self
             .client
             .post(url.as_str())
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
             .header(ALGORITHM_HEADER, ALGORITHM)
             .header(SIGNATURE_HEADER, signature)
-            .header(USER_AGENT, concat!("Outrider/", env!("CARGO_PKG_VERSION")))
+            .header(USER_AGENT, concat!("Outrider/", env!("CARGO_PKG_VERSION")));
+        if signing.standard_webhooks {
+            let signatures = standard::sign(&signing.secrets, id, timestamp, body);
+            request = request
+                .header(standard::ID_HEADER, id)
+                .header(standard::TIMESTAMP_HEADER, timestamp.to_string())
+                .header(standard::SIGNATURE_HEADER, signatures);
+        }
+        let response = request
             .body(body.to_vec())
             .send()
             .await

@@ -179,10 +179,10 @@ impl Dispatcher {
     /// One attempt, recorded with the delivery's next step.
     async fn attempt(&self, delivery: Delivery) {
         let started_at = now_ms();
-        let result = match self.store.signing_secrets(&delivery.org_id).await {
-            Ok(secrets) => {
+        let result = match self.store.signing(&delivery.org_id).await {
+            Ok(signing) => {
                 self.client
-                    .send(&delivery.url, &delivery.body, &secrets)
+                    .send(&delivery.url, &delivery.id, &delivery.body, &signing)
                     .await
             }
             Err(error) => {

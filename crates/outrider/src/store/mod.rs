@@ -57,6 +57,24 @@ pub struct NewOrg {
     pub key_hash: Vec<u8>,
 }
 
+/// An organisation's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrgSettings {
+    pub id: String,
+    pub name: String,
+    /// Callbacks also carry the Standard Webhooks headers.
+    pub standard_webhooks: bool,
+    pub created_at: Millis,
+}
+
+/// What signing a callback to an organisation needs.
+#[derive(Debug, Clone, Default)]
+pub struct Signing {
+    /// The active secrets, oldest first.
+    pub secrets: Vec<String>,
+    pub standard_webhooks: bool,
+}
+
 /// A stored API key: which organisation it belongs to and its hash.
 #[derive(Debug, Clone)]
 pub struct ApiKey {
@@ -214,8 +232,12 @@ pub enum CancelResult {
 pub trait Store: Send + Sync + 'static {
     async fn create_org(&self, org: NewOrg) -> Result<()>;
     async fn api_key(&self, key_id: &str) -> Result<Option<ApiKey>>;
-    /// The organisation's active signing secrets, oldest first.
-    async fn signing_secrets(&self, org_id: &str) -> Result<Vec<String>>;
+    /// The organisation's active signing secrets and signing settings.
+    async fn signing(&self, org_id: &str) -> Result<Signing>;
+    async fn org_settings(&self, org_id: &str) -> Result<Option<OrgSettings>>;
+    /// Turns the Standard Webhooks headers on or off; false if there is no
+    /// such organisation.
+    async fn set_standard_webhooks(&self, org_id: &str, on: bool) -> Result<bool>;
     /// Adds a signing secret; the ones active now retire at `retire_at`.
     /// False if there is no such organisation.
     async fn rotate_secret(&self, org_id: &str, secret: &str, retire_at: Millis) -> Result<bool>;

@@ -20,7 +20,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     ApiKey, AttemptRecord, AttemptState, CancelResult, Created, Delivery, DeliveryState, Finish,
-    NewOrg, NewSession, NextStep, Redelivery, Renewal, Result, Store, StoreError,
+    NewOrg, NewSession, NextStep, OrgSettings, Redelivery, Renewal, Result, Signing, Store,
+    StoreError,
 };
 use crate::domain::{now_ms, Agent, Event, EventKind, Millis, Session, SessionStatus};
 use rows::{
@@ -141,7 +142,7 @@ impl Store for SqliteStore {
         .transpose()
     }
 
-    async fn signing_secrets(&self, org_id: &str) -> Result<Vec<String>> {
+    async fn signing(&self, org_id: &str) -> Result<Signing> {
         let secrets = sqlx::query_scalar(
             "SELECT secret FROM signing_secrets
              WHERE org_id = ? AND (retires_at IS NULL OR retires_at > ?)
@@ -151,7 +152,44 @@ impl Store for SqliteStore {
         .bind(now_ms())
         .fetch_all(&self.reader)
         .await?;
-        Ok(secrets)
+        let standard_webhooks: Option<bool> =
+            sqlx::query_scalar("SELECT standard_webhooks FROM orgs WHERE id = ?")
+                .bind(org_id)
+                .fetch_optional(&self.reader)
+                .await?;
+        Ok(Signing {
+            secrets,
+            standard_webhooks: standard_webhooks.unwrap_or(false),
+        })
+    }
+
+    async fn org_settings(&self, org_id: &str) -> Result<Option<OrgSettings>> {
+        let row =
+            sqlx::query("SELECT id, name, standard_webhooks, created_at FROM orgs WHERE id = ?")
+                .bind(org_id)
+                .fetch_optional(&self.reader)
+                .await?;
+        row.map(|row| {
+            Ok(OrgSettings {
+                id: row.try_get("id")?,
+                name: row.try_get("name")?,
+                standard_webhooks: row.try_get("standard_webhooks")?,
+                created_at: row.try_get("created_at")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn set_standard_webhooks(&self, org_id: &str, on: bool) -> Result<bool> {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let updated = sqlx::query("UPDATE orgs SET standard_webhooks = ? WHERE id = ?")
+            .bind(on)
+            .bind(org_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(updated == 1)
     }
 
     async fn rotate_secret(&self, org_id: &str, secret: &str, retire_at: Millis) -> Result<bool> {
