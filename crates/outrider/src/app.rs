@@ -10,6 +10,7 @@ use tokio::task::JoinHandle;
 
 use crate::api::{self, AppState};
 use crate::config::ServeConfig;
+use crate::delivery::breaker::Breakers;
 use crate::delivery::client::{tls_config, CallbackClient};
 use crate::delivery::guard::Guard;
 use crate::delivery::policy::RetryPolicy;
@@ -65,6 +66,7 @@ impl Application {
             lease: config.callback_timeout + std::time::Duration::from_secs(10),
             ready: delivery_ready.clone(),
             in_flight: Default::default(),
+            breakers: Breakers::new(config.circuit_failures, config.circuit_cooldown),
         });
 
         let workers = (config.workers > 0)

@@ -79,6 +79,17 @@ pub struct ServeConfig {
           value_parser = clap::value_parser!(u16).range(1..))]
     pub delivery_per_destination: u16,
 
+    /// Failed callback attempts in a row to one host and port that open its
+    /// circuit (its deliveries then wait for a probe); 0 turns this off.
+    #[arg(long, env = "OUTRIDER_CIRCUIT_FAILURES", default_value_t = 5)]
+    pub circuit_failures: u32,
+
+    /// How long an opened circuit waits before its probe; doubles each time
+    /// the probe fails, up to 16 times this.
+    #[arg(long, env = "OUTRIDER_CIRCUIT_COOLDOWN", default_value = "30s",
+          value_parser = parse_duration)]
+    pub circuit_cooldown: Duration,
+
     /// Base URL of an OpenAI-compatible chat-completions API.
     #[arg(long, env = "OUTRIDER_OPENAI_BASE_URL", default_value = "https://api.openai.com/v1",
           value_parser = parse_public_url)]

@@ -749,6 +749,67 @@ async fn the_cli_rotates_a_secret() {
     assert!(!run("no-such-org").status.success());
 }
 
+#[tokio::test]
+async fn a_failing_receivers_circuit_opens_and_its_callbacks_wait_for_a_probe() {
+    let receiver = Receiver::start(vec![Reply::Status(503), Reply::Status(503)]).await;
+    let server = server_for(
+        &receiver,
+        &[
+            "--circuit-failures",
+            "2",
+            "--circuit-cooldown",
+            "3s",
+            "--delivery-per-destination",
+            "1",
+        ],
+    );
+    let org = server.org("acme");
+    let agent = server.echo_agent(&org.api_key, "done").await;
+    let request = json!({"message": "go", "callback_url": receiver.url("/hook")});
+    let mut sessions = Vec::new();
+    for _ in 0..4 {
+        sessions.push(interact(&server, &org.api_key, &agent, request.clone()).await);
+    }
+
+    // Two failures open the circuit: the other callbacks are deferred to
+    // its end without an attempt, though they were due at once.
+    receiver.wait_for(2, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(receiver.requests().len(), 2, "nothing is sent while open");
+    let mut deferred = 0;
+    for session in &sessions {
+        let (_, state) = server
+            .get(&format!("/v1/agent-sessions/{session}"), &org.api_key)
+            .await;
+        if state["callback"]["status"] == "pending" {
+            deferred += 1;
+        }
+    }
+    assert_eq!(deferred, 4, "all wait, none dropped");
+
+    for session in &sessions {
+        server
+            .wait_session(&org.api_key, session, WAIT, |s| {
+                s["callback"]["status"] == "succeeded"
+            })
+            .await;
+    }
+    let requests = receiver.requests();
+    assert_eq!(
+        requests.len(),
+        6,
+        "2 failures, then 1 probe and the other 3"
+    );
+    let gap = requests[2]
+        .at
+        .duration_since(requests[1].at)
+        .expect("in order");
+    assert!(
+        gap >= Duration::from_millis(2500),
+        "the probe waited {gap:?}"
+    );
+}
+
 /// Verifies the Standard Webhooks headers with the `standardwebhooks`
 /// crate, an implementation independent of the server's.
 fn verify_standard(request: &Recorded, secret: &str) -> Result<(), String> {

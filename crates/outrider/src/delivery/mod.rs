@@ -8,6 +8,7 @@
 //! then attempted again, so receivers see each callback at least once and
 //! deduplicate on `callback_event_id`.
 
+pub mod breaker;
 pub mod client;
 pub mod guard;
 pub mod policy;
@@ -18,8 +19,9 @@ use std::time::Duration;
 use tokio::sync::{watch, Notify, Semaphore};
 use tracing::Instrument;
 
-use crate::domain::now_ms;
+use crate::domain::{now_ms, Millis};
 use crate::store::{AttemptRecord, Delivery, DynStore, NextStep};
+use breaker::{Admission, Breakers};
 use client::{AttemptResult, CallbackClient};
 use policy::{RetryPolicy, Verdict};
 
@@ -40,6 +42,7 @@ pub struct Dispatcher {
     pub lease: Duration,
     pub ready: Arc<Notify>,
     pub in_flight: InFlight,
+    pub breakers: Breakers,
 }
 
 /// Attempts in flight per destination, so that a receiver that hangs holds
@@ -100,11 +103,25 @@ impl Dispatcher {
             let full = claimed.len() as u32 == free && free > 0;
 
             let mut over_limit = Vec::new();
+            let mut deferred: HashMap<Millis, Vec<String>> = HashMap::new();
             for delivery in claimed {
+                match self.breakers.admit(&delivery.destination, now_ms()) {
+                    Admission::Go | Admission::Probe => {}
+                    Admission::Busy => {
+                        over_limit.push(delivery.id);
+                        continue;
+                    }
+                    Admission::Wait(until) => {
+                        deferred.entry(until).or_default().push(delivery.id);
+                        continue;
+                    }
+                }
                 let Some(slot) = self
                     .in_flight
                     .take(&delivery.destination, self.per_destination)
                 else {
+                    // A probe that could not start frees its turn.
+                    self.breakers.record(&delivery.destination, None, now_ms());
                     over_limit.push(delivery.id);
                     continue;
                 };
@@ -117,22 +134,54 @@ impl Dispatcher {
                 );
                 tokio::spawn(
                     async move {
-                        dispatcher.attempt(delivery).await;
+                        let destination = delivery.destination.clone();
+                        let healthy = dispatcher.attempt(delivery).await;
                         drop((slot, permit));
+                        dispatcher.after_attempt(&destination, healthy).await;
                     }
                     .instrument(span),
                 );
             }
             // Claimed past a destination's limit in the same batch: handed
             // back untouched, and skipped by the next claims until a slot frees.
-            if !over_limit.is_empty() {
-                if let Err(error) = self.store.release_deliveries(&self.owner, over_limit).await {
-                    tracing::error!(error = %error, "releasing deliveries failed");
-                }
+            self.release(over_limit, None).await;
+            // Claimed while their destination's circuit is open: deferred.
+            for (until, ids) in deferred {
+                self.release(ids, Some(until)).await;
             }
             if !full {
                 self.idle(&permits, &mut shutdown).await;
             }
+        }
+    }
+
+    async fn release(&self, ids: Vec<String>, not_before: Option<Millis>) {
+        if ids.is_empty() {
+            return;
+        }
+        let released = self
+            .store
+            .release_deliveries(&self.owner, ids, not_before)
+            .await;
+        if let Err(error) = released {
+            tracing::error!(error = %error, "releasing deliveries failed");
+        }
+    }
+
+    /// Feeds an attempt's outcome to its destination's circuit, deferring
+    /// the destination's pending deliveries when the circuit opens.
+    async fn after_attempt(&self, destination: &str, healthy: Option<bool>) {
+        let Some(until) = self.breakers.record(destination, healthy, now_ms()) else {
+            return;
+        };
+        match self.store.defer_destination(destination, until).await {
+            Ok(deferred) => tracing::warn!(
+                destination,
+                deferred,
+                open_for_ms = until - now_ms(),
+                "circuit opened: deliveries to this destination wait for a probe"
+            ),
+            Err(error) => tracing::error!(error = %error, "deferring deliveries failed"),
         }
     }
 
@@ -142,7 +191,8 @@ impl Dispatcher {
             return Vec::new();
         }
         let lease_ms = self.lease.as_millis() as i64;
-        let skip = self.in_flight.saturated(self.per_destination);
+        let mut skip = self.in_flight.saturated(self.per_destination);
+        skip.extend(self.breakers.probing());
         let claimed = self
             .store
             .claim_deliveries(&self.owner, lease_ms, free, &skip)
@@ -176,8 +226,9 @@ impl Dispatcher {
         }
     }
 
-    /// One attempt, recorded with the delivery's next step.
-    async fn attempt(&self, delivery: Delivery) {
+    /// One attempt, recorded with the delivery's next step. Returns whether
+    /// the receiver proved healthy (`None`: the attempt says nothing of it).
+    async fn attempt(&self, delivery: Delivery) -> Option<bool> {
         let started_at = now_ms();
         let result = match self.store.signing(&delivery.org_id).await {
             Ok(signing) => {
@@ -187,7 +238,7 @@ impl Dispatcher {
             }
             Err(error) => {
                 tracing::error!(error = %error, "reading signing secrets failed");
-                return;
+                return None;
             }
         };
 
@@ -195,6 +246,7 @@ impl Dispatcher {
         // A redelivery starts the schedule again.
         let in_round = attempts - delivery.round_start;
         let verdict = verdict(&result);
+        let healthy = health(&result);
         let next = self
             .policy
             .next_step(in_round, verdict, now_ms(), delivery.deadline_at);
@@ -214,6 +266,18 @@ impl Dispatcher {
         {
             tracing::error!(error = %error, "recording the attempt failed");
         }
+        healthy
+    }
+}
+
+/// What an attempt says about its receiver: an answer other than `429` or
+/// `5xx` is healthy; no answer, `429` and `5xx` are not; a destination the
+/// guard refused says nothing.
+fn health(result: &AttemptResult) -> Option<bool> {
+    match result.status {
+        Some(status) => Some(status != 429 && status < 500),
+        None if result.refused() => None,
+        None => Some(false),
     }
 }
 

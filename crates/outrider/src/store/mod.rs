@@ -279,8 +279,17 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
         skip: &[String],
     ) -> Result<Vec<Delivery>>;
-    /// Gives claimed deliveries back untouched, to be claimed again.
-    async fn release_deliveries(&self, owner: &str, ids: Vec<String>) -> Result<()>;
+    /// Gives claimed deliveries back unattempted, to be claimed again, and
+    /// not before `not_before` when given.
+    async fn release_deliveries(
+        &self,
+        owner: &str,
+        ids: Vec<String>,
+        not_before: Option<Millis>,
+    ) -> Result<()>;
+    /// Moves every pending delivery to `destination` that is due earlier
+    /// and not being attempted to `until`, without counting an attempt.
+    async fn defer_destination(&self, destination: &str, until: Millis) -> Result<u64>;
     /// When the next pending delivery falls due, if any.
     async fn next_delivery_due(&self) -> Result<Option<Millis>>;
     /// Records an attempt and the delivery's next step in one transaction.

@@ -406,13 +406,30 @@ impl Store for SqliteStore {
         }
     }
 
-    async fn release_deliveries(&self, owner: &str, ids: Vec<String>) -> Result<()> {
+    async fn release_deliveries(
+        &self,
+        owner: &str,
+        ids: Vec<String>,
+        not_before: Option<Millis>,
+    ) -> Result<()> {
         let write = Write::ReleaseDeliveries {
             owner: owner.to_owned(),
             ids: to_json(&ids),
+            not_before,
         };
         match self.write(write).await? {
             Written::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn defer_destination(&self, destination: &str, until: Millis) -> Result<u64> {
+        let write = Write::DeferDestination {
+            destination: destination.to_owned(),
+            until,
+        };
+        match self.write(write).await? {
+            Written::Count(count) => Ok(count),
             other => Err(unexpected(other)),
         }
     }

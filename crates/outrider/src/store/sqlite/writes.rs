@@ -58,6 +58,11 @@ pub enum Write {
         owner: String,
         /// Delivery ids, as a JSON array.
         ids: String,
+        not_before: Option<Millis>,
+    },
+    DeferDestination {
+        destination: String,
+        until: Millis,
     },
     RecordAttempt {
         delivery_id: String,
@@ -75,6 +80,7 @@ pub enum Written {
     Renewed(Renewal),
     Appended(Event),
     Deliveries(Vec<Delivery>),
+    Count(u64),
     Done,
 }
 
@@ -167,16 +173,35 @@ async fn apply(tx: &mut SqliteConnection, write: &Write) -> Result<Written> {
         } => claim_deliveries(tx, owner, *lease_ms, *limit, skip)
             .await
             .map(Written::Deliveries),
-        Write::ReleaseDeliveries { owner, ids } => {
+        Write::ReleaseDeliveries {
+            owner,
+            ids,
+            not_before,
+        } => {
             sqlx::query(
-                "UPDATE deliveries SET lease_owner = NULL, lease_until = NULL
+                "UPDATE deliveries SET lease_owner = NULL, lease_until = NULL,
+                        next_attempt_at = MAX(next_attempt_at, COALESCE(?3, 0))
                  WHERE id IN (SELECT value FROM json_each(?1)) AND lease_owner = ?2",
             )
             .bind(ids)
             .bind(owner)
+            .bind(not_before)
             .execute(&mut *tx)
             .await?;
             Ok(Written::Done)
+        }
+        Write::DeferDestination { destination, until } => {
+            let deferred = sqlx::query(
+                "UPDATE deliveries SET next_attempt_at = ?2
+                 WHERE destination = ?1 AND status = 'pending' AND next_attempt_at < ?2
+                   AND (lease_until IS NULL OR lease_until < ?3)",
+            )
+            .bind(destination)
+            .bind(until)
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
+            Ok(Written::Count(deferred.rows_affected()))
         }
         Write::RecordAttempt {
             delivery_id,
