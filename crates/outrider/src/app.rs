@@ -18,6 +18,7 @@ use crate::delivery::Dispatcher;
 use crate::domain::new_id;
 use crate::providers::{OpenAi, Providers, Scripted};
 use crate::runtime::Runtime;
+use crate::secrets::SecretBox;
 use crate::store;
 use crate::worker::{Running, WorkerConfig, Workers};
 
@@ -37,6 +38,11 @@ impl Application {
         let store = store::open(&config.database.database_url)
             .await
             .with_context(|| format!("opening database {}", config.database.database_url))?;
+        let secrets = SecretBox::new(config.database.encryption_key.as_deref())?;
+        let sealed = secrets.prepare(&store).await?;
+        if sealed > 0 {
+            tracing::info!(sealed, "signing secrets sealed under the encryption key");
+        }
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("listening on {}", config.listen))?;
@@ -66,6 +72,7 @@ impl Application {
             lease: config.callback_timeout + std::time::Duration::from_secs(10),
             ready: delivery_ready.clone(),
             in_flight: Default::default(),
+            secrets: secrets.clone(),
             breakers: Breakers::new(config.circuit_failures, config.circuit_cooldown),
         });
 
@@ -101,6 +108,7 @@ impl Application {
             finished,
             running,
             stopping,
+            secrets,
             body_timeout: config.header_timeout,
             callback_deadline: config.callback_deadline,
         };

@@ -8,6 +8,7 @@ use crate::app::Application;
 use crate::config::{DatabaseConfig, ServeConfig};
 use crate::domain::{new_id, now_ms, rfc3339};
 use crate::listen::ListenConfig;
+use crate::secrets::SecretBox;
 use crate::store::{self, NewOrg, Redelivery};
 use anyhow::Context;
 
@@ -161,28 +162,39 @@ async fn create_org(name: &str, as_json: bool, database: &DatabaseConfig) -> any
         !name.trim().is_empty(),
         "the organisation name must not be empty"
     );
-    let store = store::open(&database.database_url).await?;
+    let (store, secrets) = open_store(database).await?;
     let key = ApiKeyParts::generate();
+    let signing_secret = generate_signing_secret();
+    let id = new_id();
     let org = NewOrg {
-        id: new_id(),
+        signing_secret: secrets.seal(&id, &signing_secret),
+        id,
         name: name.to_owned(),
-        signing_secret: generate_signing_secret(),
         key_id: key.id.clone(),
         key_hash: key.hash.clone(),
     };
     store.create_org(org.clone()).await?;
 
     if as_json {
-        let out =
-            json!({"org_id": org.id, "api_key": key.key, "signing_secret": org.signing_secret});
+        let out = json!({"org_id": org.id, "api_key": key.key, "signing_secret": signing_secret});
         println!("{out}");
     } else {
         println!("organisation:   {} ({})", org.name, org.id);
         println!("api key:        {}", key.key);
-        println!("signing secret: {}", org.signing_secret);
+        println!("signing secret: {signing_secret}");
         println!("Both are shown only now; keep them somewhere safe.");
     }
     Ok(())
+}
+
+/// Opens the store for a command that writes signing secrets, sealing any
+/// still in the clear when a key is set, and refusing to go on if the
+/// database holds secrets this key cannot open.
+async fn open_store(database: &DatabaseConfig) -> anyhow::Result<(store::DynStore, SecretBox)> {
+    let store = store::open(&database.database_url).await?;
+    let secrets = SecretBox::new(database.encryption_key.as_deref())?;
+    secrets.prepare(&store).await?;
+    Ok((store, secrets))
 }
 
 /// `on`/`off` (or `true`/`false`).
@@ -267,11 +279,12 @@ async fn rotate_secret(
         grace.as_secs() <= 30 * 24 * 3600,
         "--grace must be at most 30 days"
     );
-    let store = store::open(&database.database_url).await?;
+    let (store, secrets) = open_store(database).await?;
     let secret = generate_signing_secret();
     let retire_at = now_ms() + grace.as_millis() as i64;
+    let stored = secrets.seal(org_id, &secret);
     anyhow::ensure!(
-        store.rotate_secret(org_id, &secret, retire_at).await?,
+        store.rotate_secret(org_id, &stored, retire_at).await?,
         "no organisation {org_id}"
     );
     if as_json {

@@ -21,6 +21,10 @@ pub struct DatabaseConfig {
         default_value = "sqlite://outrider.db"
     )]
     pub database_url: String,
+
+    /// Key that signing secrets are sealed under at rest (environment only).
+    #[arg(skip = std::env::var(crate::secrets::KEY_ENV).ok().filter(|k| !k.is_empty()))]
+    pub encryption_key: Option<String>,
 }
 
 /// Settings of `outrider serve`.

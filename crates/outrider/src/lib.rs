@@ -15,6 +15,7 @@
 //! - [`tools`]: the built-in tools agents may use.
 //! - [`delivery`]: the callback outbox, retry policy, URL guard and signing.
 //! - [`domain`]: the types all of them share.
+//! - [`secrets`]: signing secrets sealed at rest under the operator's key.
 //! - [`listen`]: `outrider listen`, a local HTTPS receiver for development.
 //!
 //! Signatures themselves live in the `outrider-signature` crate, which
@@ -29,6 +30,7 @@ pub mod domain;
 pub mod listen;
 pub mod providers;
 pub mod runtime;
+pub mod secrets;
 pub mod serve;
 pub mod store;
 pub mod tools;

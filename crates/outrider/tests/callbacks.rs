@@ -810,6 +810,85 @@ async fn a_failing_receivers_circuit_opens_and_its_callbacks_wait_for_a_probe() 
     );
 }
 
+/// The signing secrets as stored in the server's SQLite file.
+async fn stored_secrets(server: &Server) -> Vec<String> {
+    let options = server
+        .database_url()
+        .parse::<sqlx::sqlite::SqliteConnectOptions>()
+        .expect("database URL")
+        .read_only(true);
+    let pool = sqlx::SqlitePool::connect_with(options).await.expect("open");
+    let secrets = sqlx::query_scalar("SELECT secret FROM signing_secrets")
+        .fetch_all(&pool)
+        .await
+        .expect("read secrets");
+    pool.close().await;
+    secrets
+}
+
+#[tokio::test]
+async fn signing_secrets_are_sealed_at_rest_under_the_operator_key() {
+    const KEY: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+    let receiver = Receiver::start(vec![]).await;
+    let ca = receiver.ca_file().to_str().expect("utf-8 path").to_owned();
+    let args = ["--callback-allow", "127.0.0.0/8", "--callback-ca-file", &ca];
+
+    // A secret created without a key is stored as it is ...
+    let mut server = Server::start(&args);
+    let org = server.org("acme");
+    assert_eq!(
+        stored_secrets(&server).await,
+        vec![org.signing_secret.clone()]
+    );
+
+    // ... and sealed when the server starts with one.
+    server.env = vec![("OUTRIDER_ENCRYPTION_KEY".into(), KEY.into())];
+    server.restart();
+    let later = server.org("later");
+    let (status, rotated) = server
+        .post("/v1/signing-secrets/rotate", &org.api_key, json!({}))
+        .await;
+    assert_eq!(status, 201, "{rotated}");
+    let rotated = rotated["signing_secret"].as_str().expect("secret");
+    let stored = stored_secrets(&server).await;
+    assert_eq!(stored.len(), 3);
+    for secret in [org.signing_secret.as_str(), &later.signing_secret, rotated] {
+        assert!(
+            stored.iter().all(|s| !s.contains(secret)),
+            "{secret} is not stored in the clear: {stored:?}"
+        );
+    }
+    assert!(
+        stored.iter().all(|s| s.starts_with("sealed:v1:")),
+        "{stored:?}"
+    );
+
+    // Callbacks are still signed with the secrets the organisations hold.
+    let agent = server.echo_agent(&later.api_key, "done").await;
+    let request = json!({"message": "go", "callback_url": receiver.url("/hook")});
+    interact(&server, &later.api_key, &agent, request).await;
+    let callback = receiver.wait_for(1, WAIT).await.remove(0);
+    assert_signed(&callback, &later.signing_secret);
+
+    // Without the key, or with another, the server refuses to start.
+    server.kill();
+    let other = base64::engine::general_purpose::STANDARD.encode([9u8; 32]);
+    for key in [None, Some(other.as_str())] {
+        let mut command = std::process::Command::new(support::server::binary());
+        command
+            .args(["serve", "--listen", "127.0.0.1:0", "--database-url"])
+            .arg(server.database_url())
+            .env_remove("OUTRIDER_ENCRYPTION_KEY");
+        if let Some(key) = key {
+            command.env("OUTRIDER_ENCRYPTION_KEY", key);
+        }
+        let output = command.output().expect("run outrider serve");
+        assert!(!output.status.success(), "{key:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("OUTRIDER_ENCRYPTION_KEY"), "{stderr}");
+    }
+}
+
 /// Verifies the Standard Webhooks headers with the `standardwebhooks`
 /// crate, an implementation independent of the server's.
 fn verify_standard(request: &Recorded, secret: &str) -> Result<(), String> {

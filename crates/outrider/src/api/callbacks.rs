@@ -136,9 +136,10 @@ pub async fn rotate_secret(
     };
     let secret = generate_signing_secret();
     let retire_at = now_ms() + (grace * 1000) as i64;
+    let stored = state.secrets.seal(&org.id, &secret);
     if !state
         .store
-        .rotate_secret(&org.id, &secret, retire_at)
+        .rotate_secret(&org.id, &stored, retire_at)
         .await?
     {
         return Err(ApiError::NotFound("organisation"));

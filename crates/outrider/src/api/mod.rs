@@ -49,6 +49,8 @@ pub struct AppState {
     pub finished: broadcast::Sender<String>,
     /// Sessions running in this process, for cancel requests.
     pub running: crate::worker::Running,
+    /// Seals new signing secrets at rest.
+    pub secrets: crate::secrets::SecretBox,
     /// How long a request body may take to arrive once its head has (the
     /// same bound as `--header-timeout` puts on the head).
     pub body_timeout: Duration,

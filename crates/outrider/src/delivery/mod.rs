@@ -20,7 +20,8 @@ use tokio::sync::{watch, Notify, Semaphore};
 use tracing::Instrument;
 
 use crate::domain::{now_ms, Millis};
-use crate::store::{AttemptRecord, Delivery, DynStore, NextStep};
+use crate::secrets::SecretBox;
+use crate::store::{AttemptRecord, Delivery, DynStore, NextStep, Signing};
 use breaker::{Admission, Breakers};
 use client::{AttemptResult, CallbackClient};
 use policy::{RetryPolicy, Verdict};
@@ -43,6 +44,7 @@ pub struct Dispatcher {
     pub ready: Arc<Notify>,
     pub in_flight: InFlight,
     pub breakers: Breakers,
+    pub secrets: SecretBox,
 }
 
 /// Attempts in flight per destination, so that a receiver that hangs holds
@@ -168,6 +170,15 @@ impl Dispatcher {
         }
     }
 
+    /// The organisation's signing settings with its secrets opened.
+    async fn signing(&self, org_id: &str) -> anyhow::Result<Signing> {
+        let mut signing = self.store.signing(org_id).await?;
+        for secret in &mut signing.secrets {
+            *secret = self.secrets.open(org_id, secret)?;
+        }
+        Ok(signing)
+    }
+
     /// Feeds an attempt's outcome to its destination's circuit, deferring
     /// the destination's pending deliveries when the circuit opens.
     async fn after_attempt(&self, destination: &str, healthy: Option<bool>) {
@@ -230,17 +241,21 @@ impl Dispatcher {
     /// the receiver proved healthy (`None`: the attempt says nothing of it).
     async fn attempt(&self, delivery: Delivery) -> Option<bool> {
         let started_at = now_ms();
-        let result = match self.store.signing(&delivery.org_id).await {
-            Ok(signing) => {
-                self.client
-                    .send(&delivery.url, &delivery.id, &delivery.body, &signing)
-                    .await
-            }
+        let signing = match self.signing(&delivery.org_id).await {
+            Ok(signing) => signing,
             Err(error) => {
-                tracing::error!(error = %error, "reading signing secrets failed");
+                // The lease lapses and the delivery is tried again later.
+                tracing::error!(
+                    error = format!("{error:#}"),
+                    "reading signing secrets failed"
+                );
                 return None;
             }
         };
+        let result = self
+            .client
+            .send(&delivery.url, &delivery.id, &delivery.body, &signing)
+            .await;
 
         let attempts = delivery.attempts + 1;
         // A redelivery starts the schedule again.

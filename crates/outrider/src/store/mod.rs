@@ -67,6 +67,13 @@ pub struct OrgSettings {
     pub created_at: Millis,
 }
 
+/// A signing secret as stored (possibly sealed).
+#[derive(Debug, Clone)]
+pub struct StoredSecret {
+    pub org_id: String,
+    pub secret: String,
+}
+
 /// What signing a callback to an organisation needs.
 #[derive(Debug, Clone, Default)]
 pub struct Signing {
@@ -234,6 +241,10 @@ pub trait Store: Send + Sync + 'static {
     async fn api_key(&self, key_id: &str) -> Result<Option<ApiKey>>;
     /// The organisation's active signing secrets and signing settings.
     async fn signing(&self, org_id: &str) -> Result<Signing>;
+    /// Every signing secret, active or retired, as stored.
+    async fn stored_secrets(&self) -> Result<Vec<StoredSecret>>;
+    /// Replaces one stored secret by another form of it; false if gone.
+    async fn replace_stored_secret(&self, org_id: &str, old: &str, new: &str) -> Result<bool>;
     async fn org_settings(&self, org_id: &str) -> Result<Option<OrgSettings>>;
     /// Turns the Standard Webhooks headers on or off; false if there is no
     /// such organisation.

@@ -27,6 +27,8 @@ pub struct Server {
     pub base: String,
     dir: tempfile::TempDir,
     args: Vec<String>,
+    /// Environment variables set for the process, beyond the inherited ones.
+    pub env: Vec<(String, String)>,
     pub http: reqwest::Client,
 }
 
@@ -36,6 +38,11 @@ impl Server {
     /// Defaults: a fresh SQLite file, 1 s retries, a 2 s lease, each unless
     /// `extra` sets that flag itself.
     pub fn start(extra: &[&str]) -> Server {
+        Self::start_with_env(extra, &[])
+    }
+
+    /// Like [`Server::start`], with extra environment variables.
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Server {
         let dir = tempfile::tempdir().expect("temp dir");
         let defaults = [
             ("--listen", "127.0.0.1:0"),
@@ -48,12 +55,17 @@ impl Server {
                 args.extend([flag.to_owned(), value.to_owned()]);
             }
         }
-        let (child, base) = spawn(dir.path(), &args);
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let (child, base) = spawn(dir.path(), &args, &env);
         Server {
             child,
             base,
             dir,
             args,
+            env,
             http: http_client(),
         }
     }
@@ -88,7 +100,7 @@ impl Server {
     /// Starts the process again on the same database (new port).
     pub fn restart(&mut self) {
         self.kill();
-        let (child, base) = spawn(self.dir.path(), &self.args);
+        let (child, base) = spawn(self.dir.path(), &self.args, &self.env);
         self.child = child;
         self.base = base;
     }
@@ -103,6 +115,7 @@ impl Server {
         let output = Command::new(binary())
             .args(["org", "create", name, "--json", "--database-url"])
             .arg(self.database_url())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .output()
             .expect("run outrider org create");
         assert!(output.status.success(), "org create failed: {output:?}");
@@ -206,7 +219,7 @@ fn database_url(dir: &Path) -> String {
 }
 
 /// Spawns `outrider serve` and reads the port from its first line.
-fn spawn(dir: &Path, args: &[String]) -> (Child, String) {
+fn spawn(dir: &Path, args: &[String], env: &[(String, String)]) -> (Child, String) {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -217,6 +230,7 @@ fn spawn(dir: &Path, args: &[String]) -> (Child, String) {
         .args(["--database-url", &database_url(dir)])
         .args(args)
         .env("RUST_LOG", "info,outrider=debug")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::piped())
         .stderr(log)
         .spawn()

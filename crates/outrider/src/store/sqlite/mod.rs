@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{
     ApiKey, AttemptRecord, AttemptState, CancelResult, Created, Delivery, DeliveryState, Finish,
     NewOrg, NewSession, NextStep, OrgSettings, Redelivery, Renewal, Result, Signing, Store,
-    StoreError,
+    StoreError, StoredSecret,
 };
 use crate::domain::{now_ms, Agent, Event, EventKind, Millis, Session, SessionStatus};
 use rows::{
@@ -161,6 +161,31 @@ impl Store for SqliteStore {
             secrets,
             standard_webhooks: standard_webhooks.unwrap_or(false),
         })
+    }
+
+    async fn stored_secrets(&self) -> Result<Vec<StoredSecret>> {
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT org_id, secret FROM signing_secrets ORDER BY rowid")
+                .fetch_all(&self.reader)
+                .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(org_id, secret)| StoredSecret { org_id, secret })
+            .collect())
+    }
+
+    async fn replace_stored_secret(&self, org_id: &str, old: &str, new: &str) -> Result<bool> {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let replaced =
+            sqlx::query("UPDATE signing_secrets SET secret = ? WHERE org_id = ? AND secret = ?")
+                .bind(new)
+                .bind(org_id)
+                .bind(old)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        tx.commit().await?;
+        Ok(replaced > 0)
     }
 
     async fn org_settings(&self, org_id: &str) -> Result<Option<OrgSettings>> {
