@@ -448,6 +448,117 @@ async fn a_429_is_retried_no_sooner_than_its_retry_after() {
     );
 }
 
+/// A session's delivery attempts, as the operator endpoint lists them.
+async fn attempts_of(server: &Server, key: &str, session: &str) -> Vec<Value> {
+    let (status, body) = server
+        .get(&format!("/v1/agent-sessions/{session}/callback"), key)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    body["attempt_log"].as_array().expect("attempt_log").clone()
+}
+
+#[tokio::test]
+async fn a_503s_retry_after_is_honoured_and_garbage_in_it_ignored() {
+    let later = Reply::WithHeaders(503, vec![("retry-after", "3".to_owned())]);
+    let garbage = Reply::WithHeaders(503, vec![("retry-after", "soon-ish".to_owned())]);
+    let receiver = Receiver::start(vec![later, garbage]).await;
+    let server = server_for(&receiver, &[]);
+    let org = server.org("acme");
+    let agent = server.echo_agent(&org.api_key, "done").await;
+    let request = json!({"message": "go", "callback_url": receiver.url("/hook")});
+    let session = interact(&server, &org.api_key, &agent, request).await;
+
+    let requests = receiver.wait_for(3, WAIT).await;
+    let gap = |i: usize| {
+        requests[i + 1]
+            .at
+            .duration_since(requests[i].at)
+            .expect("in order")
+    };
+    assert!(gap(0) >= Duration::from_millis(2900), "waited {:?}", gap(0));
+    // The schedule (1 s, ±20 %) applies when Retry-After makes no sense.
+    assert!(gap(1) < Duration::from_millis(2500), "waited {:?}", gap(1));
+    server
+        .wait_session(&org.api_key, &session, WAIT, |s| {
+            s["callback"]["status"] == "succeeded"
+        })
+        .await;
+}
+
+#[tokio::test]
+async fn a_410_ends_delivery_at_once() {
+    let receiver = Receiver::start(vec![Reply::Status(410)]).await;
+    let server = server_for(&receiver, &[]);
+    let org = server.org("acme");
+    let agent = server.echo_agent(&org.api_key, "done").await;
+    let request = json!({"message": "go", "callback_url": receiver.url("/hook")});
+    let session = interact(&server, &org.api_key, &agent, request).await;
+    let state = server
+        .wait_session(&org.api_key, &session, WAIT, |s| {
+            s["callback"]["status"] == "failed"
+        })
+        .await;
+    assert_eq!(state["callback"]["attempts"], json!(1));
+    assert_eq!(state["callback"]["last_status_code"], json!(410));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(receiver.requests().len(), 1, "never retried");
+}
+
+#[tokio::test]
+async fn a_receiver_that_trickles_its_body_is_cut_off_at_the_budget() {
+    let receiver = Receiver::start(vec![Reply::Trickle(200)]).await;
+    let server = server_for(&receiver, &["--callback-timeout", "2s"]);
+    let org = server.org("acme");
+    let agent = server.echo_agent(&org.api_key, "done").await;
+    let request = json!({"message": "go", "callback_url": receiver.url("/hook")});
+    let session = interact(&server, &org.api_key, &agent, request).await;
+
+    server
+        .wait_session(&org.api_key, &session, WAIT, |s| {
+            s["callback"]["status"] == "succeeded"
+        })
+        .await;
+    let attempts = attempts_of(&server, &org.api_key, &session).await;
+    assert_eq!(attempts.len(), 2, "{attempts:?}");
+    assert_eq!(attempts[0]["error_kind"], "timeout", "{attempts:?}");
+    let took = attempts[0]["duration_ms"].as_i64().expect("duration");
+    assert!(
+        (1900..3000).contains(&took),
+        "the first attempt took {took} ms"
+    );
+    assert_eq!(attempts[1]["status_code"], 200);
+}
+
+#[tokio::test]
+async fn a_receiver_that_streams_without_end_is_read_only_to_the_limit() {
+    let receiver = Receiver::start(vec![Reply::Endless(200), Reply::Endless(200)]).await;
+    let server = server_for(&receiver, &[]);
+    let org = server.org("acme");
+    let agent = server.echo_agent(&org.api_key, "done").await;
+    let before = server.rss_kib();
+    let request = json!({"message": "go", "callback_url": receiver.url("/hook")});
+    let mut sessions = Vec::new();
+    for _ in 0..2 {
+        sessions.push(interact(&server, &org.api_key, &agent, request.clone()).await);
+    }
+    for session in &sessions {
+        server
+            .wait_session(&org.api_key, session, WAIT, |s| {
+                s["callback"]["status"] == "succeeded"
+            })
+            .await;
+        let attempts = attempts_of(&server, &org.api_key, session).await;
+        assert_eq!(attempts.len(), 1, "{attempts:?}");
+        let took = attempts[0]["duration_ms"].as_i64().expect("duration");
+        assert!(
+            took < 5000,
+            "stopped reading early, not at the budget: {took} ms"
+        );
+    }
+    let grown = server.rss_kib().saturating_sub(before);
+    assert!(grown < 20 * 1024, "memory grew by {grown} KiB");
+}
+
 #[tokio::test]
 async fn a_self_signed_receiver_is_trusted_through_the_ca_file() {
     let receiver = Receiver::start_self_signed(vec![]).await;

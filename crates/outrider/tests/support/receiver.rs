@@ -39,6 +39,12 @@ pub enum Reply {
     Redirect(String),
     /// Sleep for the duration, then answer with the status.
     Delay(Duration, u16),
+    /// Send the status and headers at once, then the body one byte every
+    /// 200 ms, never ending.
+    Trickle(u16),
+    /// Send the status, then 64 KiB body chunks as fast as they are read,
+    /// never ending.
+    Endless(u16),
 }
 
 /// One request exactly as the receiver saw it.
@@ -326,7 +332,29 @@ async fn answer(reply: Option<Reply>) -> Response<Body> {
             tokio::time::sleep(pause).await;
             reason(code)
         }
+        Some(Reply::Trickle(code)) => {
+            let bytes = futures_util::stream::unfold((), |()| async {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                Some((
+                    Ok::<_, Infallible>(axum::body::Bytes::from_static(b"x")),
+                    (),
+                ))
+            });
+            streaming(code, Body::from_stream(bytes))
+        }
+        Some(Reply::Endless(code)) => {
+            let chunk = axum::body::Bytes::from(vec![b'x'; 64 * 1024]);
+            let chunks =
+                futures_util::stream::repeat_with(move || Ok::<_, Infallible>(chunk.clone()));
+            streaming(code, Body::from_stream(chunks))
+        }
     }
+}
+
+fn streaming(code: u16, body: Body) -> Response<Body> {
+    let mut response = Response::new(body);
+    *response.status_mut() = StatusCode::from_u16(code).expect("valid status");
+    response
 }
 
 fn reason(code: u16) -> Response<Body> {
