@@ -1,5 +1,5 @@
 //! The shared test vectors, checked against this crate and against the
-//! receiver snippets in `docs/receivers/` (Python and Node.js).
+//! receiver snippets in `docs/receivers/` (Python, Node.js and Go).
 
 use base64::Engine;
 use outrider_signature::{verify, VerifyError};
@@ -51,12 +51,24 @@ fn the_crate_agrees_with_every_vector() {
     }
 }
 
-/// Runs a receiver snippet's own check over the vectors.
-fn run_snippet(program: &str, script: &str) {
+/// Runs a receiver snippet's own check over the vectors: `command` (a program
+/// and its leading arguments), then the snippet's path, then the vectors' path.
+fn run_snippet(command: &[&str], script: &str) {
+    let (program, args) = command.split_first().expect("a program");
     let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/receivers");
-    let output = Command::new(program)
+    let mut snippet = Command::new(program);
+    snippet
+        .args(args)
         .arg(docs.join(script))
-        .arg(vectors_path())
+        .arg(vectors_path());
+    // `go` needs a build cache, which it puts under $HOME unless told otherwise.
+    if *program == "go"
+        && std::env::var_os("GOCACHE").is_none()
+        && std::env::var_os("HOME").is_none()
+    {
+        snippet.env("GOCACHE", std::env::temp_dir().join("outrider-go-cache"));
+    }
+    let output = snippet
         .output()
         .unwrap_or_else(|e| panic!("{program} is needed for this test: {e}"));
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -70,10 +82,15 @@ fn run_snippet(program: &str, script: &str) {
 
 #[test]
 fn the_python_receiver_snippet_agrees_with_every_vector() {
-    run_snippet("python3", "verify.py");
+    run_snippet(&["python3"], "verify.py");
 }
 
 #[test]
 fn the_node_receiver_snippet_agrees_with_every_vector() {
-    run_snippet("node", "verify.mjs");
+    run_snippet(&["node"], "verify.mjs");
+}
+
+#[test]
+fn the_go_receiver_snippet_agrees_with_every_vector() {
+    run_snippet(&["go", "run"], "verify.go");
 }
