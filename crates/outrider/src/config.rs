@@ -4,11 +4,11 @@
 //! A bad value stops start-up with a message naming the flag.
 
 use clap::Args;
-use ipnet::IpNet;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::delivery::guard::AllowEntry;
 use crate::delivery::policy::DEFAULT_SCHEDULE;
 
 /// Settings shared by every subcommand that opens the database.
@@ -48,10 +48,12 @@ pub struct ServeConfig {
     #[arg(long, env = "OUTRIDER_PUBLIC_URL", value_parser = parse_public_url)]
     pub public_url: Option<String>,
 
-    /// Comma-separated address ranges (CIDR or single IP) that callbacks may
-    /// reach although they are not public.
-    #[arg(long, env = "OUTRIDER_CALLBACK_ALLOW", value_delimiter = ',', value_parser = parse_net)]
-    pub callback_allow: Vec<IpNet>,
+    /// Comma-separated address ranges (CIDR or single IP) and exact host
+    /// names that callbacks may reach although they are not public; a listed
+    /// name may resolve to any address.
+    #[arg(long, env = "OUTRIDER_CALLBACK_ALLOW", value_delimiter = ',',
+          value_parser = parse_allow)]
+    pub callback_allow: Vec<AllowEntry>,
 
     /// PEM file of extra root certificates trusted for callback TLS.
     #[arg(long, env = "OUTRIDER_CALLBACK_CA_FILE")]
@@ -146,14 +148,8 @@ fn parse_lease(raw: &str) -> Result<Duration, String> {
     Ok(lease)
 }
 
-fn parse_net(raw: &str) -> Result<IpNet, String> {
-    let raw = raw.trim();
-    if let Ok(net) = raw.parse::<IpNet>() {
-        return Ok(net.trunc());
-    }
-    raw.parse::<IpAddr>()
-        .map(IpNet::from)
-        .map_err(|_| format!("{raw:?} is neither a CIDR range nor an IP address"))
+fn parse_allow(raw: &str) -> Result<AllowEntry, String> {
+    raw.parse()
 }
 
 fn parse_public_url(raw: &str) -> Result<String, String> {
@@ -183,15 +179,49 @@ mod tests {
     }
 
     #[test]
-    fn allow_list_entries_are_ranges_or_addresses() {
-        assert_eq!(
-            parse_net("127.0.0.0/8").map(|n| n.to_string()),
-            Ok("127.0.0.0/8".into())
-        );
-        assert_eq!(
-            parse_net("::1").map(|n| n.to_string()),
-            Ok("::1/128".into())
-        );
-        assert!(parse_net("localhost").is_err());
+    fn allow_list_entries_are_ranges_addresses_or_host_names() {
+        let net = |raw: &str| AllowEntry::Net(raw.parse().unwrap());
+        let host = |raw: &str| AllowEntry::Host(raw.into());
+        let cases = [
+            ("127.0.0.0/8", net("127.0.0.0/8")),
+            ("10.1.2.3/8", net("10.0.0.0/8")),
+            (" ::1 ", net("::1/128")),
+            ("192.168.1.1", net("192.168.1.1/32")),
+            ("localhost", host("localhost")),
+            ("Hooks.Internal.Example.", host("hooks.internal.example")),
+            ("b\u{fc}cher.example", host("xn--bcher-kva.example")),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(parse_allow(raw), Ok(want), "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn allow_list_entries_that_are_no_range_address_or_name_are_refused() {
+        let long_label = "a".repeat(64);
+        let long_name = ["abcdefghi"; 26].join(".");
+        let refused = [
+            "",
+            "*.example.com",
+            "hooks.*",
+            "a..b",
+            "-a.example",
+            "a-.example",
+            "a_b.example",
+            "exa mple.com",
+            "https://example.com",
+            "example.com:443",
+            "10.0.0.0/33",
+            "256.0.0.1",
+            "1.2.3",
+            "0x7f.1",
+            "[::1]",
+            &long_label,
+            &long_name,
+        ];
+        for raw in refused {
+            let error = parse_allow(raw).unwrap_err();
+            assert!(error.contains("neither"), "{raw:?}: {error}");
+        }
     }
 }

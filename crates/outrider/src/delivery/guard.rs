@@ -18,14 +18,26 @@
 //!   address when checked and with a private one when connecting; because the connection goes
 //!   to the very addresses that were checked, there is no second lookup to exploit.
 //!
-//! An address is permitted when it is in the operator's allow-list or [`is_public`], which
-//! consults the IANA special-purpose registries. IPv6 forms that embed an IPv4 address
-//! (mapped, compatible, NAT64, 6to4, Teredo) are unwrapped, so `::ffff:127.0.0.1` is judged
-//! like `127.0.0.1`.
+//! An address is permitted when it is in one of the operator's allow-listed ranges or
+//! [`is_public`], which consults the IANA special-purpose registries. IPv6 forms that embed an
+//! IPv4 address (mapped, compatible, NAT64, 6to4, Teredo) are unwrapped, so `::ffff:127.0.0.1`
+//! is judged like `127.0.0.1`.
+//!
+//! The allow-list ([`AllowEntry`]) may also name exact hosts (`hooks.internal.example`,
+//! case-insensitive, no wildcards). Such a name is trusted whole: it passes the `localhost`
+//! check, and every address it resolves to may be contacted, public or not. Every other name
+//! is still judged address by address.
+//!
+//! Lookups go through the system resolver unless [`Guard::with_lookup`] supplies another, so
+//! tests can script answers that change from one lookup to the next.
 
 use std::fmt;
+use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::str::FromStr;
+use std::sync::Arc;
 
+use futures_util::future::BoxFuture;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use url::{Host, Url};
 
@@ -233,16 +245,111 @@ impl GuardError {
     }
 }
 
-/// Judges callback URLs and addresses; networks in the allow-list may be contacted even when
-/// they are not public.
+/// One entry of the operator's allow-list (`--callback-allow`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AllowEntry {
+    /// An address range; a single IP is a `/32` or `/128`.
+    Net(IpNet),
+    /// An exact host name as the URL parser writes it (lower case, IDNA), without a trailing
+    /// dot. Every address it resolves to may be contacted.
+    Host(String),
+}
+
+impl FromStr for AllowEntry {
+    type Err = String;
+
+    /// Reads a CIDR range, a single IP address or an exact host name.
+    fn from_str(raw: &str) -> Result<AllowEntry, String> {
+        let raw = raw.trim();
+        if let Ok(net) = raw.parse::<IpNet>() {
+            return Ok(AllowEntry::Net(net.trunc()));
+        }
+        if let Ok(ip) = raw.parse::<IpAddr>() {
+            return Ok(AllowEntry::Net(ip.into()));
+        }
+        host_name(raw).map(AllowEntry::Host).ok_or_else(|| {
+            format!("{raw:?} is neither a CIDR range, an IP address nor a host name")
+        })
+    }
+}
+
+/// The host name a URL with host `raw` carries, if `raw` is a plain DNS name: letters, digits
+/// and inner hyphens in labels of 1 to 63 characters, 253 at most in all. Names the URL parser
+/// reads as an IPv4 address (`1.2.3`, `0x7f.1`) are not names.
+fn host_name(raw: &str) -> Option<String> {
+    let raw = raw.strip_suffix('.').unwrap_or(raw);
+    let Ok(Host::Domain(name)) = Host::parse(raw) else {
+        return None;
+    };
+    let ldh = |label: &str| {
+        (1..=63).contains(&label.len())
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+    };
+    (name.len() <= 253 && name.split('.').all(ldh)).then_some(name)
+}
+
+/// Looks a host name up, returning its socket addresses for `port`.
+pub type LookupFn =
+    dyn Fn(&str, u16) -> BoxFuture<'static, io::Result<Vec<SocketAddr>>> + Send + Sync;
+
+/// The guard's resolver: the system's unless one was supplied.
+#[derive(Clone, Default)]
+struct Lookup(Option<Arc<LookupFn>>);
+
+impl Lookup {
+    async fn run(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, GuardError> {
+        let found = match &self.0 {
+            Some(lookup) => lookup(host, port).await,
+            None => tokio::net::lookup_host((host, port))
+                .await
+                .map(Iterator::collect),
+        };
+        found.map_err(|e| GuardError::Resolve(format!("{host}: {e}")))
+    }
+}
+
+impl fmt::Debug for Lookup {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_some() { "custom" } else { "system" })
+    }
+}
+
+/// Judges callback URLs and addresses; ranges and host names in the allow-list may be
+/// contacted even when they are not public.
 #[derive(Debug, Clone, Default)]
 pub struct Guard {
-    allow: Vec<IpNet>,
+    /// Allow-listed address ranges.
+    nets: Vec<IpNet>,
+    /// Allow-listed host names, normalised as in [`AllowEntry::Host`].
+    hosts: Vec<String>,
+    lookup: Lookup,
 }
 
 impl Guard {
-    pub fn new(allow: Vec<IpNet>) -> Guard {
-        Guard { allow }
+    pub fn new(allow: Vec<AllowEntry>) -> Guard {
+        let mut guard = Guard::default();
+        for entry in allow {
+            match entry {
+                AllowEntry::Net(net) => guard.nets.push(net),
+                AllowEntry::Host(name) => guard.hosts.push(name),
+            }
+        }
+        guard
+    }
+
+    /// Looks host names up with `lookup` instead of the system resolver. Each delivery attempt
+    /// still calls it once and connects only to the addresses it returned that were permitted.
+    pub fn with_lookup<F>(mut self, lookup: F) -> Guard
+    where
+        F: Fn(&str, u16) -> BoxFuture<'static, io::Result<Vec<SocketAddr>>> + Send + Sync,
+        F: 'static,
+    {
+        self.lookup = Lookup(Some(Arc::new(lookup)));
+        self
     }
 
     /// Static checks at accept time; no DNS.
@@ -250,7 +357,7 @@ impl Guard {
     /// Literal IP hosts are judged in every notation the URL parser accepts (decimal, hex,
     /// octal, short forms, bracketed IPv6 and IPv4-embedding IPv6). `localhost` and names
     /// under `.localhost` count as loopback and are refused unless `127.0.0.1` or `::1` is
-    /// allow-listed.
+    /// allow-listed, or the name itself is.
     ///
     /// # Errors
     ///
@@ -282,8 +389,9 @@ impl Guard {
     }
 
     /// Resolves the host once and returns only the permitted socket addresses, in resolver
-    /// order. A literal IP is not looked up. The static host checks are repeated first, so a
-    /// URL accepted under a wider allow-list is judged by this guard.
+    /// order; an allow-listed host name keeps all of its addresses. A literal IP is not looked
+    /// up. The static host checks are repeated first, so a URL accepted under a wider
+    /// allow-list is judged by this guard.
     ///
     /// # Errors
     ///
@@ -295,7 +403,7 @@ impl Guard {
         let port = url.port();
         let candidates = match literal_ip(url.url()) {
             Some(ip) => vec![SocketAddr::new(ip, port)],
-            None => lookup(url.host(), port).await?,
+            None => self.lookup.run(url.host(), port).await?,
         };
         self.select(url.host(), candidates)
     }
@@ -313,16 +421,24 @@ impl Guard {
             return Ok(vec![SocketAddr::new(ip, port)]);
         }
         self.check_domain(host)?;
-        let candidates = lookup(host, port).await?;
+        let candidates = self.lookup.run(host, port).await?;
         self.select(host, candidates)
     }
 
     /// The allow-list is matched against the address and the IPv4 address it embeds.
     fn allow_listed(&self, ip: IpAddr) -> bool {
         let inner = unwrapped(ip);
-        self.allow
+        self.nets
             .iter()
             .any(|net| net.contains(&ip) || inner.is_some_and(|inner| net.contains(&inner)))
+    }
+
+    /// Exact match, case-insensitive, trailing dot ignored.
+    fn host_listed(&self, name: &str) -> bool {
+        let name = name.strip_suffix('.').unwrap_or(name);
+        self.hosts
+            .iter()
+            .any(|host| host.eq_ignore_ascii_case(name))
     }
 
     fn loopback_allowed(&self) -> bool {
@@ -351,18 +467,20 @@ impl Guard {
         if name.trim_end_matches('.').is_empty() {
             return Err(GuardError::Invalid("empty host".into()));
         }
-        if is_localhost(name) && !self.loopback_allowed() {
+        if is_localhost(name) && !self.loopback_allowed() && !self.host_listed(name) {
             return Err(GuardError::ForbiddenHost(name.to_string()));
         }
         Ok(())
     }
 
-    /// Keeps the permitted addresses (first occurrence of each, in resolver order).
+    /// Keeps the permitted addresses (first occurrence of each, in resolver order); every
+    /// address of an allow-listed host name is permitted.
     fn select(&self, host: &str, addrs: Vec<SocketAddr>) -> Result<Vec<SocketAddr>, GuardError> {
+        let listed = self.host_listed(host);
         let mut permitted: Vec<SocketAddr> = Vec::new();
         let mut refused = None;
         for addr in addrs {
-            if !self.permits(addr.ip()) {
+            if !listed && !self.permits(addr.ip()) {
                 refused.get_or_insert(addr.ip());
             } else if !permitted.contains(&addr) {
                 permitted.push(addr);
@@ -381,13 +499,6 @@ fn literal_ip(url: &Url) -> Option<IpAddr> {
         Host::Ipv4(ip) => Some(ip.into()),
         Host::Ipv6(ip) => Some(ip.into()),
         Host::Domain(_) => None,
-    }
-}
-
-async fn lookup(host: &str, port: u16) -> Result<Vec<SocketAddr>, GuardError> {
-    match tokio::net::lookup_host((host, port)).await {
-        Ok(addrs) => Ok(addrs.collect()),
-        Err(e) => Err(GuardError::Resolve(format!("{host}: {e}"))),
     }
 }
 
@@ -561,7 +672,7 @@ mod tests {
 
     #[test]
     fn url_table() {
-        assert!(CASES.len() >= 80);
+        assert!(CASES.len() >= 80, "only {} URL forms", CASES.len());
         check_cases(&Guard::default(), CASES);
     }
 
@@ -600,6 +711,38 @@ mod tests {
         let g = guard(&["fd00::/8"]);
         assert!(g.permits("fd00::1".parse().unwrap()));
         assert!(!g.permits("fc00::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn allow_listed_host_names_pass_the_localhost_check_by_exact_name() {
+        let cases = [
+            ("https://localhost/", OK),
+            ("https://LOCALHOST.:9000/x", OK),
+            ("https://a.localhost/", "forbidden_host"),
+            ("https://127.0.0.1/", "forbidden_address"),
+            ("https://[::1]/", "forbidden_address"),
+            ("https://example.com/", OK),
+        ];
+        check_cases(&guard(&["localhost"]), &cases);
+        let cases = [
+            ("https://hooks.internal.example/", OK),
+            ("https://HOOKS.Internal.Example./", OK),
+            ("https://localhost/", "forbidden_host"),
+            ("https://10.0.0.1/", "forbidden_address"),
+        ];
+        check_cases(&guard(&["hooks.internal.example"]), &cases);
+    }
+
+    #[test]
+    fn allow_list_entries_split_into_ranges_and_names() {
+        let g = guard(&["10.0.0.0/8", "Hooks.Example.", "::1"]);
+        let nets: Vec<IpNet> = ["10.0.0.0/8", "::1/128"].map(|n| n.parse().unwrap()).into();
+        assert_eq!(g.nets, nets);
+        assert_eq!(g.hosts, ["hooks.example"]);
+        assert!(g.host_listed("HOOKS.example."));
+        assert!(!g.host_listed("a.hooks.example"));
+        assert!(!g.host_listed("hooks.example.com"));
+        assert!(!g.permits("192.168.0.1".parse().unwrap()));
     }
 
     #[test]
@@ -871,6 +1014,397 @@ mod tests {
                 );
             }
             assert!(!is_public(teredo.into()), "Teredo {teredo}");
+        }
+    }
+
+    /// A resolver whose answers are scripted one lookup at a time; it records every lookup.
+    #[derive(Default)]
+    struct Script {
+        answers: std::sync::Mutex<std::collections::VecDeque<io::Result<Vec<IpAddr>>>>,
+        asked: std::sync::Mutex<Vec<(String, u16)>>,
+    }
+
+    impl Script {
+        fn answer(&self, ips: &[&str]) {
+            let ips = ips.iter().map(|ip| ip.parse().unwrap()).collect();
+            self.answers.lock().unwrap().push_back(Ok(ips));
+        }
+
+        fn fail(&self) {
+            let error = io::Error::new(io::ErrorKind::NotFound, "no such host");
+            self.answers.lock().unwrap().push_back(Err(error));
+        }
+
+        fn asked(&self) -> Vec<(String, u16)> {
+            self.asked.lock().unwrap().clone()
+        }
+    }
+
+    /// `guard` looking names up in a fresh script.
+    fn scripted(guard: Guard) -> (Guard, Arc<Script>) {
+        let script = Arc::new(Script::default());
+        let answers = Arc::clone(&script);
+        let guard = guard.with_lookup(move |host: &str, port: u16| {
+            answers.asked.lock().unwrap().push((host.to_owned(), port));
+            let answer = answers.answers.lock().unwrap().pop_front();
+            let answer = answer.expect("a lookup nobody scripted");
+            Box::pin(async move {
+                let ips = answer?;
+                Ok(ips
+                    .into_iter()
+                    .map(|ip| SocketAddr::new(ip, port))
+                    .collect())
+            })
+        });
+        (guard, script)
+    }
+
+    fn socks(addrs: &[&str]) -> Vec<SocketAddr> {
+        addrs.iter().map(|a| sock(a)).collect()
+    }
+
+    #[tokio::test]
+    async fn each_lookup_is_judged_afresh_when_answers_change() {
+        let (g, script) = scripted(Guard::default());
+        let url = g.check_url("https://rebind.example:8443/hook").unwrap();
+
+        // Public only: every address comes back, exactly as looked up.
+        script.answer(&["93.184.215.14", "2606:4700::1111"]);
+        let addrs = g.resolve(&url).await.unwrap();
+        assert_eq!(
+            addrs,
+            socks(&["93.184.215.14:8443", "[2606:4700::1111]:8443"])
+        );
+
+        // Mixed: the private and embedded-loopback addresses are dropped.
+        script.answer(&["10.0.0.1", "8.8.8.8", "::ffff:127.0.0.1", "8.8.8.8"]);
+        let addrs = g.resolve(&url).await.unwrap();
+        assert_eq!(addrs, socks(&["8.8.8.8:8443"]));
+
+        // Rebound to private addresses only: refused with the first of them.
+        script.answer(&["127.0.0.1", "169.254.169.254"]);
+        let refused = g.resolve(&url).await.unwrap_err();
+        assert_eq!(
+            refused,
+            GuardError::ForbiddenAddress("127.0.0.1".parse().unwrap())
+        );
+        assert_eq!(refused.kind(), "forbidden_address");
+
+        script.answer(&[]);
+        let empty = g.resolve(&url).await.unwrap_err();
+        assert_eq!(empty, GuardError::NoAddress("rebind.example".into()));
+
+        script.fail();
+        assert_eq!(g.resolve(&url).await.unwrap_err().kind(), "resolve");
+
+        // One lookup per attempt, of the stored host and port.
+        let once = ("rebind.example".to_owned(), 8443);
+        assert_eq!(script.asked(), vec![once; 5]);
+    }
+
+    #[tokio::test]
+    async fn the_connector_path_hands_back_only_checked_addresses() {
+        let (g, script) = scripted(guard(&["192.168.7.0/24"]));
+        script.answer(&["192.168.7.9", "192.168.8.1", "fe80::1", "1.1.1.1"]);
+        let addrs = g.resolve_host("rebind.example", 0).await.unwrap();
+        assert_eq!(addrs, socks(&["192.168.7.9:0", "1.1.1.1:0"]));
+
+        script.answer(&["192.168.8.1", "::1"]);
+        let refused = g.resolve_host("rebind.example", 0).await.unwrap_err();
+        assert_eq!(refused.kind(), "forbidden_address");
+
+        let refused = g.resolve_host("localhost", 0).await.unwrap_err();
+        assert_eq!(refused.kind(), "forbidden_host");
+        assert_eq!(script.asked().len(), 2, "localhost must not be looked up");
+    }
+
+    #[tokio::test]
+    async fn an_allow_listed_host_name_keeps_all_its_addresses() {
+        let (g, script) = scripted(guard(&["hooks.internal.example"]));
+        let listed = g.check_url("https://Hooks.Internal.Example./x").unwrap();
+        script.answer(&["10.0.0.7", "127.0.0.1", "10.0.0.7", "8.8.8.8"]);
+        let addrs = g.resolve(&listed).await.unwrap();
+        assert_eq!(
+            addrs,
+            socks(&["10.0.0.7:443", "127.0.0.1:443", "8.8.8.8:443"])
+        );
+
+        script.answer(&["169.254.169.254"]);
+        let addrs = g.resolve_host("hooks.internal.example", 0).await.unwrap();
+        assert_eq!(addrs, socks(&["169.254.169.254:0"]));
+
+        // Other names, even under the listed one, are still judged by address.
+        let other = g.check_url("https://a.hooks.internal.example/").unwrap();
+        script.answer(&["10.0.0.7"]);
+        assert_eq!(
+            g.resolve(&other).await.unwrap_err().kind(),
+            "forbidden_address"
+        );
+
+        script.answer(&[]);
+        let empty = g.resolve(&listed).await.unwrap_err();
+        assert_eq!(empty.kind(), "no_address");
+    }
+
+    #[tokio::test]
+    async fn literal_hosts_are_never_looked_up() {
+        let (g, script) = scripted(Guard::default());
+        let url = g.check_url("https://8.8.8.8:8443/x").unwrap();
+        assert_eq!(g.resolve(&url).await.unwrap(), socks(&["8.8.8.8:8443"]));
+        let addrs = g.resolve_host("[2606:4700::1111]", 0).await.unwrap();
+        assert_eq!(addrs, socks(&["[2606:4700::1111]:0"]));
+        let refused = g.resolve_host("[::ffff:10.0.0.1]", 0).await.unwrap_err();
+        assert_eq!(refused.kind(), "forbidden_address");
+        assert!(script.asked().is_empty());
+    }
+
+    use crate::delivery::client::AttemptResult;
+
+    /// A plain TCP listener on loopback that counts the connections it accepts and closes
+    /// each at once (so the TLS handshake fails fast).
+    async fn counting_listener() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                drop(stream);
+            }
+        });
+        (port, accepted)
+    }
+
+    async fn send_through_client(guard: Guard, url: &str) -> AttemptResult {
+        use crate::delivery::client::{tls_config, CallbackClient};
+        let tls = tls_config(None).unwrap();
+        let budget = std::time::Duration::from_secs(5);
+        let client = CallbackClient::new(guard, budget, tls).unwrap();
+        let signing = crate::store::Signing {
+            secrets: vec!["whsec_dGVzdA==".into()],
+            standard_webhooks: false,
+        };
+        client.send(url, "evt_1", b"{}", &signing).await
+    }
+
+    #[tokio::test]
+    async fn the_client_connects_only_to_addresses_the_guard_checked() {
+        let (port, accepted) = counting_listener().await;
+        let connections = || accepted.load(std::sync::atomic::Ordering::SeqCst);
+        let url = format!("https://hooks.test:{port}/hook");
+
+        // Loopback is not allowed: refused before any connection is made.
+        let (g, script) = scripted(Guard::default());
+        script.answer(&["127.0.0.1", "192.168.0.1"]);
+        let result = send_through_client(g, &url).await;
+        assert_eq!(result.error_kind, Some("forbidden_address"), "{result:?}");
+        assert!(result.refused());
+        assert_eq!(script.asked().len(), 1);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(connections(), 0);
+
+        // Loopback allowed by range: the unreachable private address is filtered out, so
+        // the only connection goes to the listener.
+        let (g, script) = scripted(guard(&["127.0.0.0/8"]));
+        script.answer(&["10.255.255.1", "127.0.0.1"]);
+        let result = send_through_client(g, &url).await;
+        assert!(!result.refused(), "{result:?}");
+        assert_eq!(script.asked().len(), 1);
+        assert_eq!(connections(), 1);
+
+        // Allowed by name: every address of the name may be contacted.
+        let (g, script) = scripted(guard(&["hooks.test"]));
+        script.answer(&["127.0.0.1"]);
+        let result = send_through_client(g, &url).await;
+        assert!(!result.refused(), "{result:?}");
+        assert_eq!(script.asked().len(), 1);
+        assert_eq!(connections(), 2);
+    }
+
+    /// Property tests: random literal hosts, in every notation the URL parser accepts, are
+    /// accepted exactly when an oracle written from the IANA registries calls them public.
+    mod property {
+        use super::*;
+        use futures_util::FutureExt;
+        use proptest::prelude::*;
+
+        /// The IPv4 address an IPv6 address carries, read from its 16-bit groups.
+        fn oracle_unwrap(ip: Ipv6Addr) -> Option<Ipv4Addr> {
+            let s = ip.segments();
+            let v4 = |hi: u16, lo: u16| {
+                let [a, b] = hi.to_be_bytes();
+                let [c, d] = lo.to_be_bytes();
+                Ipv4Addr::new(a, b, c, d)
+            };
+            match s {
+                [0, 0, 0, 0, 0, 0xffff, hi, lo] => Some(v4(hi, lo)),
+                [0x64, 0xff9b, 0, 0, 0, 0, hi, lo] => Some(v4(hi, lo)),
+                [0, 0, 0, 0, 0, 0, 0, 0 | 1] => None,
+                [0, 0, 0, 0, 0, 0, hi, lo] => Some(v4(hi, lo)),
+                [0x2002, hi, lo, ..] => Some(v4(hi, lo)),
+                _ => None,
+            }
+        }
+
+        fn in_registry(ip: IpAddr) -> bool {
+            registry().iter().any(|net| net.contains(&ip))
+        }
+
+        /// Public: in no registry range, itself or the IPv4 address it embeds, and for IPv6
+        /// without an embedded address, inside 2000::/3.
+        fn oracle_public(ip: IpAddr) -> bool {
+            if in_registry(ip) {
+                return false;
+            }
+            match ip {
+                IpAddr::V4(_) => true,
+                IpAddr::V6(v6) => match oracle_unwrap(v6) {
+                    Some(inner) => !in_registry(inner.into()),
+                    None => v6.segments()[0] & 0xe000 == 0x2000,
+                },
+            }
+        }
+
+        fn any_v4() -> impl Strategy<Value = Ipv4Addr> {
+            let special = (0..REGISTRY_V4.len(), any::<u32>())
+                .prop_map(|(i, bits)| within_v4(REGISTRY_V4[i].parse().unwrap(), bits));
+            prop_oneof![any::<u32>().prop_map(Ipv4Addr::from), special]
+        }
+
+        /// Addresses biased toward the special ranges and the IPv4-embedding forms.
+        fn any_ip() -> impl Strategy<Value = IpAddr> {
+            let special_v6 = (0..REGISTRY_V6.len(), any::<u128>())
+                .prop_map(|(i, bits)| within_v6(REGISTRY_V6[i].parse().unwrap(), bits));
+            let embedded = (any_v4(), 0..5usize, any::<u128>())
+                .prop_map(|(v4, form, filler)| embeddings(v4, filler)[form]);
+            let global =
+                any::<u128>().prop_map(|bits| within_v6("2000::/3".parse().unwrap(), bits));
+            prop_oneof![
+                2 => any_v4().prop_map(IpAddr::V4),
+                1 => any::<u128>().prop_map(|bits| IpAddr::V6(bits.into())),
+                1 => global.prop_map(IpAddr::V6),
+                2 => special_v6.prop_map(IpAddr::V6),
+                3 => embedded.prop_map(IpAddr::V6),
+            ]
+        }
+
+        /// The address as URL hosts in several notations.
+        fn notations(ip: IpAddr) -> Vec<String> {
+            match ip {
+                IpAddr::V4(v4) => {
+                    let n = v4.to_bits();
+                    let [a, b, c, d] = v4.octets();
+                    vec![
+                        format!("{a}.{b}.{c}.{d}"),
+                        format!("{n}"),
+                        format!("0x{n:x}"),
+                        format!("0X{n:08X}"),
+                        format!("0{n:o}"),
+                        format!("0{a:o}.0{b:o}.0{c:o}.0{d:o}"),
+                        format!("0x{a:x}.0x{b:02x}.{c}.0{d:o}"),
+                        format!("{a}.{b}.{}", n & 0xffff),
+                        format!("{a}.0x{:x}", n & 0xff_ffff),
+                        format!("{a}.{b}.{c}.{d}."),
+                    ]
+                }
+                IpAddr::V6(v6) => {
+                    let s = v6.segments();
+                    let full = s.map(|g| format!("{g:04x}")).join(":");
+                    let [a, b, c, d] = (v6.to_bits() as u32).to_be_bytes();
+                    let head = s[..6].iter().map(|g| format!("{g:X}")).collect::<Vec<_>>();
+                    vec![
+                        format!("[{v6}]"),
+                        format!("[{full}]"),
+                        format!("[{}]", full.to_uppercase()),
+                        format!("[{}:{a}.{b}.{c}.{d}]", head.join(":")),
+                    ]
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn literal_hosts_are_accepted_exactly_when_public(
+                ip in any_ip(),
+                port in proptest::option::of(1..=u16::MAX),
+            ) {
+                let guard = Guard::default();
+                let public = oracle_public(ip);
+                let port = port.map(|p| format!(":{p}")).unwrap_or_default();
+                for host in notations(ip) {
+                    let raw = format!("https://{host}{port}/hook");
+                    let parsed = Url::parse(&raw).unwrap();
+                    prop_assert_eq!(literal_ip(&parsed), Some(ip), "{} parses elsewhere", raw);
+
+                    match guard.check_url(&raw) {
+                        Ok(url) => {
+                            prop_assert!(public, "{} accepted", raw);
+                            prop_assert!(!in_registry(ip), "{} accepted", raw);
+                            prop_assert_eq!(literal_ip(url.url()), Some(ip));
+                        }
+                        Err(error) => {
+                            prop_assert!(!public, "{} refused: {}", raw, error);
+                            prop_assert_eq!(error, GuardError::ForbiddenAddress(ip));
+                        }
+                    }
+                }
+            }
+
+            #[test]
+            fn an_allow_listed_range_admits_its_addresses_and_no_others(
+                ip in any_ip(),
+                net in (0..REGISTRY_V4.len() + REGISTRY_V6.len()).prop_map(|i| registry()[i]),
+            ) {
+                let guard = Guard::new(vec![AllowEntry::Net(net)]);
+                // The allow-list also sees the client address inside a Teredo address.
+                let inner = match ip {
+                    IpAddr::V6(v6) => match v6.segments() {
+                        [0x2001, 0, ..] => Some(Ipv4Addr::from(!(v6.to_bits() as u32))),
+                        _ => oracle_unwrap(v6),
+                    },
+                    IpAddr::V4(_) => None,
+                };
+                let inner_listed = inner.is_some_and(|i| net.contains(&IpAddr::V4(i)));
+                let listed = net.contains(&ip) || inner_listed;
+                for host in notations(ip) {
+                    let raw = format!("https://{host}/");
+                    let accepted = guard.check_url(&raw).is_ok();
+                    prop_assert_eq!(accepted, listed || oracle_public(ip), "{}", raw);
+                }
+            }
+
+            #[test]
+            fn resolved_names_never_reach_a_refused_address(
+                ips in proptest::collection::vec(any_ip(), 0..8),
+                port in 1..=u16::MAX,
+            ) {
+                let (guard, script) = scripted(Guard::default());
+                let answer: Vec<String> = ips.iter().map(IpAddr::to_string).collect();
+                script.answer(&answer.iter().map(String::as_str).collect::<Vec<_>>());
+                let resolved = guard.resolve_host("random.example", port).now_or_never();
+                let resolved = resolved.expect("a scripted lookup is ready at once");
+
+                let mut want: Vec<SocketAddr> = Vec::new();
+                for ip in ips.iter().filter(|ip| oracle_public(**ip)) {
+                    let addr = SocketAddr::new(*ip, port);
+                    if !want.contains(&addr) {
+                        want.push(addr);
+                    }
+                }
+                match resolved {
+                    Ok(addrs) => prop_assert_eq!(addrs, want),
+                    Err(GuardError::ForbiddenAddress(first)) => {
+                        prop_assert!(want.is_empty());
+                        prop_assert_eq!(Some(&first), ips.first());
+                    }
+                    Err(GuardError::NoAddress(_)) => prop_assert!(ips.is_empty()),
+                    Err(other) => prop_assert!(false, "unexpected {:?}", other),
+                }
+                prop_assert_eq!(script.asked().len(), 1);
+            }
         }
     }
 }
