@@ -9,6 +9,7 @@ use tokio::sync::{broadcast, watch, Notify};
 use tokio::task::JoinHandle;
 
 use crate::api::{self, AppState};
+use crate::bootstrap::{first_start, FirstStart};
 use crate::config::ServeConfig;
 use crate::delivery::breaker::Breakers;
 use crate::delivery::client::{tls_config, CallbackClient};
@@ -16,7 +17,8 @@ use crate::delivery::guard::Guard;
 use crate::delivery::policy::RetryPolicy;
 use crate::delivery::Dispatcher;
 use crate::domain::new_id;
-use crate::providers::{OpenAi, Providers, Scripted};
+use crate::providers::local::models::DEFAULT_MODEL;
+use crate::providers::{Local, OpenAi, Providers, Scripted};
 use crate::runtime::Runtime;
 use crate::secrets::SecretBox;
 use crate::store;
@@ -30,6 +32,7 @@ pub struct Application {
     workers: Option<Arc<Workers>>,
     dispatcher: Arc<Dispatcher>,
     stop: watch::Sender<bool>,
+    first_start: Option<FirstStart>,
 }
 
 impl Application {
@@ -43,6 +46,7 @@ impl Application {
         if sealed > 0 {
             tracing::info!(sealed, "signing secrets sealed under the encryption key");
         }
+        let first_start = first_start(&store, &secrets, &config.database.database_url).await?;
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("listening on {}", config.listen))?;
@@ -79,6 +83,12 @@ impl Application {
         let workers = (config.workers > 0)
             .then(|| -> anyhow::Result<_> {
                 let providers = providers(&config)?;
+                if first_start.is_some() && config.model_pull {
+                    // The agent just made needs the local model: fetch it
+                    // now rather than in the first session.
+                    let local = providers.local.clone();
+                    tokio::spawn(async move { local.prefetch(DEFAULT_MODEL).await });
+                }
                 Ok(Arc::new(Workers {
                     store: store.clone(),
                     runtime: Arc::new(Runtime::new(providers)),
@@ -119,7 +129,13 @@ impl Application {
             workers,
             dispatcher,
             stop,
+            first_start,
         })
+    }
+
+    /// What this start created, if the database was empty.
+    pub fn first_start(&self) -> Option<&FirstStart> {
+        self.first_start.as_ref()
     }
 
     /// The address actually bound (useful with port 0).
@@ -183,7 +199,9 @@ fn providers(config: &ServeConfig) -> anyhow::Result<Providers> {
         config.model_timeout,
         tls,
     )?;
+    let local = Local::new(config.models.dir(), config.model_pull, config.model_timeout);
     Ok(Providers {
+        local: Arc::new(local),
         openai: Arc::new(openai),
         scripted: Arc::new(Scripted),
     })

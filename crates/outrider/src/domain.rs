@@ -38,6 +38,8 @@ pub fn new_id() -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ModelProvider {
+    /// A small model run inside the server process.
+    Local,
     /// Any OpenAI-compatible chat-completions server.
     Openai,
     /// Replies listed in the agent definition; no model at all.
@@ -82,8 +84,34 @@ pub struct AgentSpec {
     pub max_tokens: Option<u32>,
     #[serde(default)]
     pub tools: Vec<String>,
+    #[serde(default)]
+    pub tool_choice: ToolChoice,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub script: Vec<ScriptedReply>,
+}
+
+/// Whether each model call may, must or must not call a tool (OpenAI's
+/// `tool_choice`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ToolChoice {
+    /// The model decides.
+    #[default]
+    Auto,
+    /// Every reply is a tool call.
+    Required,
+    /// No reply is a tool call.
+    None,
+}
+
+impl ToolChoice {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Required => "required",
+            Self::None => "none",
+        }
+    }
 }
 
 /// A stored agent.

@@ -190,7 +190,7 @@ impl Runtime {
                     tracing::warn!(session.id = %session.id, step, error = %error, "model call failed; trying again");
                     tokio::time::sleep(self.retry_pause * tries).await;
                 }
-                Err(error) => return Err(SessionError::new("MODEL_ERROR", error.message)),
+                Err(error) => return Err(SessionError::new(error.code, error.message)),
             }
         }
     }

@@ -4,12 +4,10 @@
 mod support;
 
 use base64::Engine;
-use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
-use sha2::Sha256;
 use std::time::Duration;
 use support::model::{FakeModel, ModelReply};
-use support::receiver::{Receiver, Recorded, Reply};
+use support::receiver::{assert_signed, hmac_b64, Receiver, Recorded, Reply};
 use support::server::Server;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -25,32 +23,6 @@ fn server_for(receiver: &Receiver, extra: &[&str]) -> Server {
     ];
     args.extend_from_slice(extra);
     Server::start(&args)
-}
-
-/// Checks the signature header with an HMAC computed here, not by the
-/// server's own crate, and returns `t`.
-fn assert_signed(request: &Recorded, secret: &str) -> u64 {
-    assert_eq!(request.header("x-scout-signature-alg"), Some("HMAC-SHA256"));
-    let header = request
-        .header("x-scout-signature")
-        .expect("signature header");
-    let (t, sig) = header
-        .strip_prefix("t=")
-        .and_then(|rest| rest.split_once(",sig="))
-        .unwrap_or_else(|| panic!("unexpected header {header}"));
-    assert_eq!(
-        sig,
-        hmac_b64(secret, t, &request.body),
-        "signature over the raw body bytes"
-    );
-
-    let t: u64 = t.parse().expect("t is unix seconds");
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs();
-    assert!(now.abs_diff(t) < 60, "t={t} is near now={now}");
-    t
 }
 
 fn body_of(request: &Recorded) -> Value {
@@ -785,13 +757,6 @@ fn signatures(request: &Recorded) -> (String, Vec<String>) {
     (t, sigs)
 }
 
-fn hmac_b64(secret: &str, t: &str, body: &[u8]) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
-    mac.update(format!("{t}.").as_bytes());
-    mac.update(body);
-    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
-}
-
 #[tokio::test]
 async fn a_rotated_secret_signs_beside_the_old_one_until_the_grace_period_ends() {
     let receiver = Receiver::start(vec![]).await;
@@ -921,15 +886,18 @@ async fn a_failing_receivers_circuit_opens_and_its_callbacks_wait_for_a_probe() 
     );
 }
 
-/// The signing secrets as stored in the server's SQLite file.
-async fn stored_secrets(server: &Server) -> Vec<String> {
+/// The signing secrets of `orgs` as stored in the server's SQLite file.
+async fn stored_secrets(server: &Server, orgs: &[&str]) -> Vec<String> {
     let options = server
         .database_url()
         .parse::<sqlx::sqlite::SqliteConnectOptions>()
         .expect("database URL")
         .read_only(true);
     let pool = sqlx::SqlitePool::connect_with(options).await.expect("open");
-    let secrets = sqlx::query_scalar("SELECT secret FROM signing_secrets")
+    let orgs = serde_json::to_string(orgs).expect("org ids as JSON");
+    let sql = "SELECT secret FROM signing_secrets WHERE org_id IN (SELECT value FROM json_each(?))";
+    let secrets = sqlx::query_scalar(sql)
+        .bind(orgs)
         .fetch_all(&pool)
         .await
         .expect("read secrets");
@@ -948,7 +916,7 @@ async fn signing_secrets_are_sealed_at_rest_under_the_operator_key() {
     let mut server = Server::start(&args);
     let org = server.org("acme");
     assert_eq!(
-        stored_secrets(&server).await,
+        stored_secrets(&server, &[&org.org_id]).await,
         vec![org.signing_secret.clone()]
     );
 
@@ -961,7 +929,7 @@ async fn signing_secrets_are_sealed_at_rest_under_the_operator_key() {
         .await;
     assert_eq!(status, 201, "{rotated}");
     let rotated = rotated["signing_secret"].as_str().expect("secret");
-    let stored = stored_secrets(&server).await;
+    let stored = stored_secrets(&server, &[&org.org_id, &later.org_id]).await;
     assert_eq!(stored.len(), 3);
     for secret in [org.signing_secret.as_str(), &later.signing_secret, rotated] {
         assert!(

@@ -9,7 +9,10 @@ use std::collections::HashMap;
 
 use super::auth::Org;
 use super::{page, page_limit, ApiError, ApiResult, AppState, Id, JsonBody, JsonResponse};
-use crate::domain::{new_id, now_ms, rfc3339, Agent, AgentSpec, ModelProvider, ScriptedReply};
+use crate::domain::{
+    new_id, now_ms, rfc3339, Agent, AgentSpec, ModelProvider, ScriptedReply, ToolChoice,
+};
+use crate::providers::local::models;
 use crate::tools;
 
 /// Bounds on what an agent definition may hold.
@@ -35,6 +38,7 @@ pub struct AgentRequest {
     max_tokens: Option<u32>,
     #[serde(default)]
     tools: Vec<ToolRef>,
+    tool_choice: Option<ToolChoice>,
     #[serde(default)]
     script: Vec<ScriptedReply>,
 }
@@ -55,11 +59,18 @@ impl AgentRequest {
         if let Some(system) = &self.system {
             check_length("system", system, 0, MAX_SYSTEM_CHARS)?;
         }
-        let provider = self.model_provider.unwrap_or(ModelProvider::Openai);
+        let provider = self
+            .model_provider
+            .unwrap_or_else(|| implied_provider(self.model.as_deref()));
         let model = self
             .model
             .unwrap_or_else(|| default_model(provider).to_owned());
         check_length("model", &model, 1, MAX_NAME_CHARS)?;
+        if provider == ModelProvider::Local && models::find(&model).is_none() {
+            let known = models::names().join(", ");
+            let message = format!("unknown local model {model:?}; local models: {known}");
+            return Err(ApiError::field("model", message));
+        }
 
         let max_steps = match (self.max_steps, self.max_turns) {
             (Some(steps), Some(turns)) if steps != turns => {
@@ -89,6 +100,11 @@ impl AgentRequest {
             .map(ToolRef::into_name)
             .collect::<Vec<_>>();
         check_tools(&tools)?;
+        let tool_choice = self.tool_choice.unwrap_or_default();
+        if tool_choice == ToolChoice::Required && tools.is_empty() {
+            let message = "\"required\" needs at least one tool";
+            return Err(ApiError::field("tool_choice", message));
+        }
         check_script(provider, &self.script)?;
         Ok(AgentSpec {
             name,
@@ -99,6 +115,7 @@ impl AgentRequest {
             temperature: self.temperature,
             max_tokens: self.max_tokens,
             tools,
+            tool_choice,
             script: self.script,
         })
     }
@@ -112,8 +129,18 @@ impl ToolRef {
     }
 }
 
+/// The provider of an agent that names none: the local model unless
+/// `model` names another, which is then taken for an OpenAI-compatible one.
+fn implied_provider(model: Option<&str>) -> ModelProvider {
+    match model {
+        Some(model) if models::find(model).is_none() => ModelProvider::Openai,
+        _ => ModelProvider::Local,
+    }
+}
+
 fn default_model(provider: ModelProvider) -> &'static str {
     match provider {
+        ModelProvider::Local => models::DEFAULT_MODEL,
         ModelProvider::Openai => "gpt-4o-mini",
         ModelProvider::Scripted => "scripted",
     }

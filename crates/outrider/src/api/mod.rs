@@ -11,6 +11,7 @@ mod organization;
 mod sessions;
 mod stream;
 
+pub use agents::DEFAULT_STEPS;
 pub use auth::{generate_signing_secret, hash_key_secret, ApiKeyParts};
 pub use callbacks::{attempt_json, delivery_json};
 pub use error::{ApiError, ApiResult};

@@ -4,9 +4,11 @@
 //! next message: text, tool calls, or both. Providers know nothing of the
 //! store; the runtime records what they return.
 
+pub mod local;
 mod openai;
 mod scripted;
 
+pub use local::Local;
 pub use openai::OpenAi;
 pub use scripted::Scripted;
 
@@ -38,6 +40,8 @@ pub struct Completion {
 pub struct ProviderError {
     /// Worth trying the same call again (network error, 429, 5xx).
     pub retryable: bool,
+    /// The session error's code if the session fails of this.
+    pub code: &'static str,
     pub message: String,
 }
 
@@ -45,6 +49,7 @@ impl ProviderError {
     pub fn retryable(message: impl Into<String>) -> Self {
         Self {
             retryable: true,
+            code: "MODEL_ERROR",
             message: message.into(),
         }
     }
@@ -52,6 +57,16 @@ impl ProviderError {
     pub fn fatal(message: impl Into<String>) -> Self {
         Self {
             retryable: false,
+            code: "MODEL_ERROR",
+            message: message.into(),
+        }
+    }
+
+    /// The model is not there to call (not installed, not loadable).
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self {
+            retryable: false,
+            code: "MODEL_UNAVAILABLE",
             message: message.into(),
         }
     }
@@ -66,6 +81,7 @@ pub trait Provider: Send + Sync {
 /// The configured providers, chosen per agent.
 #[derive(Clone)]
 pub struct Providers {
+    pub local: Arc<Local>,
     pub openai: Arc<OpenAi>,
     pub scripted: Arc<Scripted>,
 }
@@ -74,6 +90,7 @@ impl Providers {
     /// The provider an agent runs on.
     pub fn for_agent(&self, agent: &AgentSpec) -> &dyn Provider {
         match agent.model_provider {
+            ModelProvider::Local => self.local.as_ref(),
             ModelProvider::Openai => self.openai.as_ref(),
             ModelProvider::Scripted => self.scripted.as_ref(),
         }

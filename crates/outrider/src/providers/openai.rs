@@ -5,7 +5,7 @@
 //! so this client uses ordinary HTTP settings.
 
 use super::{ChatRequest, Completion, Provider, ProviderError};
-use crate::domain::{Message, ToolCall};
+use crate::domain::{Message, ToolCall, ToolChoice};
 use crate::tools;
 use async_trait::async_trait;
 use serde::Deserialize;
@@ -64,7 +64,12 @@ impl Provider for OpenAi {
             let text = String::from_utf8_lossy(&bytes[..bytes.len().min(500)]).into_owned();
             let message = format!("model endpoint answered {status}: {text}");
             let retryable = status.as_u16() == 429 || status.is_server_error();
-            return Err(ProviderError { retryable, message });
+            let error = if retryable {
+                ProviderError::retryable(message)
+            } else {
+                ProviderError::fatal(message)
+            };
+            return Err(error);
         }
         let reply: ChatResponse = serde_json::from_slice(&bytes)
             .map_err(|e| ProviderError::fatal(format!("unreadable model response: {e}")))?;
@@ -90,6 +95,9 @@ fn request_body(request: &ChatRequest<'_>) -> Value {
             })
             .collect();
         body["tools"] = json!(specs);
+        if agent.tool_choice != ToolChoice::Auto {
+            body["tool_choice"] = json!(agent.tool_choice.as_str());
+        }
     }
     if let Some(temperature) = agent.temperature {
         body["temperature"] = json!(temperature);

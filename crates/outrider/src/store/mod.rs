@@ -47,6 +47,15 @@ pub async fn open(url: &str) -> Result<DynStore> {
     }
 }
 
+/// The file a SQLite database URL names, if it names one.
+pub fn database_file(url: &str) -> Option<std::path::PathBuf> {
+    use std::str::FromStr;
+    let options = sqlx::sqlite::SqliteConnectOptions::from_str(url).ok()?;
+    let file = options.get_filename();
+    (!file.as_os_str().is_empty() && file != std::path::Path::new(":memory:"))
+        .then(|| file.to_owned())
+}
+
 /// A new organisation with its first API key.
 #[derive(Debug, Clone)]
 pub struct NewOrg {
@@ -238,6 +247,9 @@ pub enum CancelResult {
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     async fn create_org(&self, org: NewOrg) -> Result<()>;
+    /// Creates `org` with `agent` only if the database has no organisation
+    /// yet; `false` if it had one.
+    async fn create_first_org(&self, org: NewOrg, agent: &Agent) -> Result<bool>;
     async fn api_key(&self, key_id: &str) -> Result<Option<ApiKey>>;
     /// The organisation's active signing secrets and signing settings.
     async fn signing(&self, org_id: &str) -> Result<Signing>;

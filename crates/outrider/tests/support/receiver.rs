@@ -11,6 +11,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use axum::body::Body;
+use base64::Engine;
+use hmac::{Hmac, Mac};
 use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE, LOCATION};
 use hyper::server::conn::http1;
@@ -22,6 +24,7 @@ use rcgen::{
     KeyUsagePurpose,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use sha2::Sha256;
 use tempfile::TempDir;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -380,4 +383,38 @@ fn with_headers(
         response.headers_mut().append(name, value);
     }
     response
+}
+
+/// Checks the signature header with an HMAC computed here, not by the
+/// server's own crate, and returns `t`.
+pub fn assert_signed(request: &Recorded, secret: &str) -> u64 {
+    assert_eq!(request.header("x-scout-signature-alg"), Some("HMAC-SHA256"));
+    let header = request
+        .header("x-scout-signature")
+        .expect("signature header");
+    let (t, sig) = header
+        .strip_prefix("t=")
+        .and_then(|rest| rest.split_once(",sig="))
+        .unwrap_or_else(|| panic!("unexpected header {header}"));
+    assert_eq!(
+        sig,
+        hmac_b64(secret, t, &request.body),
+        "signature over the raw body bytes"
+    );
+
+    let t: u64 = t.parse().expect("t is unix seconds");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    assert!(now.abs_diff(t) < 60, "t={t} is near now={now}");
+    t
+}
+
+/// `base64(HMAC-SHA256(secret, "{t}.{body}"))`, computed here.
+pub fn hmac_b64(secret: &str, t: &str, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+    mac.update(format!("{t}.").as_bytes());
+    mac.update(body);
+    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
 }

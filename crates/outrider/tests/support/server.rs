@@ -3,8 +3,9 @@
 
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The built binary under test.
@@ -29,13 +30,16 @@ pub struct Server {
     args: Vec<String>,
     /// Environment variables set for the process, beyond the inherited ones.
     pub env: Vec<(String, String)>,
+    /// What the process wrote to standard output after its first line.
+    stdout: Arc<Mutex<String>>,
     pub http: reqwest::Client,
 }
 
 impl Server {
     /// Starts a server with test-friendly settings plus `extra` flags.
     ///
-    /// Defaults: a fresh SQLite file, 1 s retries, a 2 s lease, each unless
+    /// Defaults: a fresh SQLite file, 1 s retries, a 2 s lease, no model
+    /// fetching, each unless
     /// `extra` sets that flag itself.
     pub fn start(extra: &[&str]) -> Server {
         Self::start_with_env(extra, &[])
@@ -48,6 +52,8 @@ impl Server {
             ("--listen", "127.0.0.1:0"),
             ("--retry-schedule", "1s,1s,1s"),
             ("--lease", "2s"),
+            // Only the local-model tests fetch the model, once, ahead of time.
+            ("--model-pull", "off"),
         ];
         let mut args: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
         for (flag, value) in defaults {
@@ -59,13 +65,14 @@ impl Server {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let (child, base) = spawn(dir.path(), &args, &env);
+        let (child, base, stdout) = spawn(dir.path(), &args, &env);
         Server {
             child,
             base,
             dir,
             args,
             env,
+            stdout,
             http: http_client(),
         }
     }
@@ -111,9 +118,28 @@ impl Server {
     /// Starts the process again on the same database (new port).
     pub fn restart(&mut self) {
         self.kill();
-        let (child, base) = spawn(self.dir.path(), &self.args, &self.env);
+        let (child, base, stdout) = spawn(self.dir.path(), &self.args, &self.env);
         self.child = child;
         self.base = base;
+        self.stdout = stdout;
+    }
+
+    /// Waits up to `within` for standard output after the first line to
+    /// contain `needle`, and returns all of it.
+    pub fn wait_stdout(&self, needle: &str, within: Duration) -> String {
+        let started = Instant::now();
+        loop {
+            let text = self.stdout.lock().expect("stdout buffer").clone();
+            if text.contains(needle) || started.elapsed() > within {
+                return text;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The directory holding the database (and files written beside it).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     /// The server's log so far.
@@ -229,8 +255,13 @@ fn database_url(dir: &Path) -> String {
     format!("sqlite://{}", dir.join("outrider.db").display())
 }
 
-/// Spawns `outrider serve` and reads the port from its first line.
-fn spawn(dir: &Path, args: &[String], env: &[(String, String)]) -> (Child, String) {
+/// Spawns `outrider serve` and reads the port from its first line; the rest
+/// of its output is gathered into the returned buffer.
+fn spawn(
+    dir: &Path,
+    args: &[String],
+    env: &[(String, String)],
+) -> (Child, String, Arc<Mutex<String>>) {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -248,16 +279,25 @@ fn spawn(dir: &Path, args: &[String], env: &[(String, String)]) -> (Child, Strin
         .expect("spawn outrider serve");
 
     let stdout = child.stdout.take().expect("piped stdout");
+    let mut stdout = BufReader::new(stdout);
     let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("read the listen line");
+    stdout.read_line(&mut line).expect("read the listen line");
+    // Keep reading, so the server never writes to a closed pipe.
+    let rest = Arc::new(Mutex::new(String::new()));
+    let gathered = rest.clone();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        while matches!(stdout.read_line(&mut line), Ok(n) if n > 0) {
+            gathered.lock().expect("stdout buffer").push_str(&line);
+            line.clear();
+        }
+    });
     let base = line
         .trim()
         .strip_prefix("outrider listening on ")
         .unwrap_or_else(|| panic!("unexpected first line {line:?}; log in {}", dir.display()))
         .to_owned();
-    (child, base)
+    (child, base, rest)
 }
 
 /// A client for the API (plain HTTP; TLS is set up only to build it).
@@ -267,9 +307,4 @@ pub fn http_client() -> reqwest::Client {
         .use_preconfigured_tls(tls)
         .build()
         .expect("HTTP client")
-}
-
-/// A temp file path that lives as long as the server's directory.
-pub fn path_in(server: &Server, name: &str) -> PathBuf {
-    server.dir.path().join(name)
 }

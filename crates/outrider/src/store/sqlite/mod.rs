@@ -13,7 +13,7 @@ use serde_json::Value;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::Row;
+use sqlx::{Row, Sqlite};
 use std::str::FromStr;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -80,6 +80,45 @@ impl SqliteStore {
     }
 }
 
+/// An organisation, its signing secret and its first API key.
+async fn insert_org(tx: &mut sqlx::Transaction<'_, Sqlite>, org: &NewOrg) -> Result<()> {
+    let now = now_ms();
+    sqlx::query("INSERT INTO orgs (id, name, created_at) VALUES (?, ?, ?)")
+        .bind(&org.id)
+        .bind(&org.name)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+    sqlx::query("INSERT INTO signing_secrets (org_id, secret, created_at) VALUES (?, ?, ?)")
+        .bind(&org.id)
+        .bind(&org.signing_secret)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+    sqlx::query("INSERT INTO api_keys (id, org_id, key_hash, created_at) VALUES (?, ?, ?, ?)")
+        .bind(&org.key_id)
+        .bind(&org.id)
+        .bind(&org.key_hash)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+async fn insert_agent<'e>(executor: impl sqlx::SqliteExecutor<'e>, agent: &Agent) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO agents (id, org_id, spec, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+    )
+    .bind(&agent.id)
+    .bind(&agent.org_id)
+    .bind(to_json(&agent.spec))
+    .bind(agent.created_at)
+    .bind(agent.updated_at)
+    .execute(executor)
+    .await?;
+    Ok(())
+}
+
 /// Copies the WAL into the database file ten times a second.
 ///
 /// A passive checkpoint never blocks writers. SQLite still checkpoints from
@@ -103,29 +142,24 @@ async fn checkpoint_periodically(pool: SqlitePool) {
 #[async_trait]
 impl Store for SqliteStore {
     async fn create_org(&self, org: NewOrg) -> Result<()> {
-        let now = now_ms();
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query("INSERT INTO orgs (id, name, created_at) VALUES (?, ?, ?)")
-            .bind(&org.id)
-            .bind(&org.name)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("INSERT INTO signing_secrets (org_id, secret, created_at) VALUES (?, ?, ?)")
-            .bind(&org.id)
-            .bind(&org.signing_secret)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("INSERT INTO api_keys (id, org_id, key_hash, created_at) VALUES (?, ?, ?, ?)")
-            .bind(&org.key_id)
-            .bind(&org.id)
-            .bind(&org.key_hash)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+        insert_org(&mut tx, &org).await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn create_first_org(&self, org: NewOrg, agent: &Agent) -> Result<bool> {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let existing: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM orgs")
+            .fetch_one(&mut *tx)
+            .await?;
+        if existing > 0 {
+            return Ok(false);
+        }
+        insert_org(&mut tx, &org).await?;
+        insert_agent(&mut *tx, agent).await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     async fn api_key(&self, key_id: &str) -> Result<Option<ApiKey>> {
@@ -246,17 +280,7 @@ impl Store for SqliteStore {
     }
 
     async fn insert_agent(&self, agent: &Agent) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO agents (id, org_id, spec, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(&agent.id)
-        .bind(&agent.org_id)
-        .bind(to_json(&agent.spec))
-        .bind(agent.created_at)
-        .bind(agent.updated_at)
-        .execute(&self.writer)
-        .await?;
-        Ok(())
+        insert_agent(&self.writer, agent).await
     }
 
     async fn agent(&self, org_id: &str, id: &str) -> Result<Option<Agent>> {
