@@ -46,6 +46,7 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use outrider::domain::{new_id, now_ms};
+use outrider::store::{CLAIM_DELIVERIES_SQL, NEXT_DELIVERY_DUE_SQL};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
@@ -59,19 +60,6 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
-
-/// The dispatcher's claim, as `claim_deliveries` runs it.
-const CLAIM_SQL: &str = "UPDATE deliveries SET lease_owner = ?1, lease_until = ?2
-     WHERE id IN (SELECT id FROM deliveries
-                  WHERE status = 'pending' AND next_attempt_at <= ?3
-                    AND (lease_until IS NULL OR lease_until < ?3)
-                    AND destination NOT IN (SELECT value FROM json_each(?5))
-                  ORDER BY next_attempt_at LIMIT ?4)
-     RETURNING id, session_id, org_id, url, destination, body, attempts, round_start,
-               created_at, deadline_at";
-
-/// The dispatcher's look-ahead between claims, as `next_delivery_due` runs it.
-const NEXT_DUE_SQL: &str = "SELECT MIN(next_attempt_at) FROM deliveries WHERE status = 'pending'";
 
 const DAY_MS: i64 = 24 * 3600 * 1000;
 
@@ -252,7 +240,10 @@ async fn backlog(args: &Args, binary: &Path, count: usize) -> anyhow::Result<()>
         let claim = time_query(&pool, Query::Claim).await?;
         let next_due = time_query(&pool, Query::NextDue).await?;
         if waiting == count {
-            for (name, sql) in [("claim", CLAIM_SQL), ("next due", NEXT_DUE_SQL)] {
+            for (name, sql) in [
+                ("claim", CLAIM_DELIVERIES_SQL),
+                ("next due", NEXT_DELIVERY_DUE_SQL),
+            ] {
                 println!("query plan, {name}: {}", query_plan(&pool, sql).await?);
             }
         }
@@ -435,17 +426,21 @@ async fn time_query(pool: &SqlitePool, query: Query) -> anyhow::Result<Duration>
         match query {
             Query::Claim => {
                 let now = now_ms();
-                sqlx::query(CLAIM_SQL)
+                sqlx::query(CLAIM_DELIVERIES_SQL)
                     .bind("bench")
                     .bind(now + 20_000)
                     .bind(now)
                     .bind(64)
+                    .bind(16)
                     .bind("[]")
+                    .bind(256)
                     .fetch_all(pool)
                     .await?;
             }
             Query::NextDue => {
-                let _: Option<i64> = sqlx::query_scalar(NEXT_DUE_SQL).fetch_one(pool).await?;
+                let _: Option<i64> = sqlx::query_scalar(NEXT_DELIVERY_DUE_SQL)
+                    .fetch_one(pool)
+                    .await?;
             }
         }
         if n >= 10 {

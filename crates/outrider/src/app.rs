@@ -73,9 +73,12 @@ impl Application {
             owner: owner.clone(),
             concurrency: usize::from(config.delivery_concurrency),
             per_destination: usize::from(config.delivery_per_destination),
-            lease: config.callback_timeout + std::time::Duration::from_secs(10),
+            // A delivery claimed ahead may wait for the attempt ahead of it
+            // (which may wait for another to free a permit), then makes its
+            // own: three budgets at most.
+            lease: 3 * config.callback_timeout + std::time::Duration::from_secs(10),
             ready: delivery_ready.clone(),
-            in_flight: Default::default(),
+            held: Default::default(),
             secrets: secrets.clone(),
             breakers: Breakers::new(config.circuit_failures, config.circuit_cooldown),
         });

@@ -13,7 +13,7 @@ pub mod client;
 pub mod guard;
 pub mod policy;
 
-use std::collections::HashMap;
+use std::collections::hash_map::{Entry, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{watch, Notify, Semaphore};
@@ -21,13 +21,16 @@ use tracing::Instrument;
 
 use crate::domain::{now_ms, Millis};
 use crate::secrets::SecretBox;
-use crate::store::{AttemptRecord, Delivery, DynStore, NextStep, Signing};
+use crate::store::{AttemptRecord, Delivery, DeliveryClaim, DynStore, NextStep, Signing};
 use breaker::{Admission, Breakers};
 use client::{AttemptResult, CallbackClient};
 use policy::{RetryPolicy, Verdict};
 
 /// The longest the dispatcher sleeps without looking at the store.
 const MAX_IDLE: Duration = Duration::from_secs(1);
+/// How long the dispatcher waits, when everything due is busy, before
+/// looking again if no attempt wakes it first.
+const BUSY_POLL: Duration = Duration::from_millis(20);
 
 /// Claims due deliveries and attempts them.
 pub struct Dispatcher {
@@ -39,58 +42,86 @@ pub struct Dispatcher {
     pub concurrency: usize,
     /// Attempts in flight at once to one `host:port`.
     pub per_destination: usize,
-    /// A claim outlives the attempt budget by a margin.
+    /// A claim outlives a wait for a turn and an attempt, by a margin.
     pub lease: Duration,
     pub ready: Arc<Notify>,
-    pub in_flight: InFlight,
+    pub held: Held,
     pub breakers: Breakers,
     pub secrets: SecretBox,
 }
 
-/// Attempts in flight per destination, so that a receiver that hangs holds
-/// at most its own share of the dispatcher's slots.
+/// The deliveries this dispatcher holds, per destination: claimed and not
+/// yet answered. At most `per_destination` of them are sent at once (their
+/// turns), so a receiver that hangs holds only its own share of the
+/// dispatcher's attempts; as many again may be claimed ahead and wait for a
+/// turn, so the next one is ready the moment a turn frees instead of a
+/// claim's commit later.
 #[derive(Debug, Default, Clone)]
-pub struct InFlight(Arc<Mutex<HashMap<String, usize>>>);
+pub struct Held(Arc<Mutex<HashMap<String, Destination>>>);
 
-/// One attempt's place in its destination's count, given back when dropped.
-pub struct Slot {
-    in_flight: InFlight,
-    destination: String,
+#[derive(Debug)]
+struct Destination {
+    held: usize,
+    turns: Arc<Semaphore>,
 }
 
-impl InFlight {
-    /// Takes a slot for `destination` if fewer than `limit` are in flight.
-    fn take(&self, destination: &str, limit: usize) -> Option<Slot> {
-        let mut counts = self.0.lock().expect("in-flight counts");
-        let count = counts.entry(destination.to_owned()).or_default();
-        if *count >= limit {
+/// One held delivery's place at its destination, given back when dropped.
+pub struct Hold {
+    held: Held,
+    destination: String,
+    turns: Arc<Semaphore>,
+}
+
+impl Held {
+    /// Holds one more delivery to `destination` if it holds fewer than
+    /// twice `per_destination`.
+    fn take(&self, destination: &str, per_destination: usize) -> Option<Hold> {
+        let mut destinations = self.0.lock().expect("held deliveries");
+        let entry = destinations
+            .entry(destination.to_owned())
+            .or_insert_with(|| Destination {
+                held: 0,
+                turns: Arc::new(Semaphore::new(per_destination)),
+            });
+        if entry.held >= 2 * per_destination {
             return None;
         }
-        *count += 1;
-        Some(Slot {
-            in_flight: self.clone(),
+        entry.held += 1;
+        Some(Hold {
+            held: self.clone(),
             destination: destination.to_owned(),
+            turns: entry.turns.clone(),
         })
     }
 
-    /// The destinations with no slot free.
-    fn saturated(&self, limit: usize) -> Vec<String> {
-        let counts = self.0.lock().expect("in-flight counts");
-        counts
+    /// Every destination with deliveries held, and how many more a claim
+    /// may take for it.
+    fn room(&self, per_destination: usize) -> HashMap<String, u32> {
+        let destinations = self.0.lock().expect("held deliveries");
+        destinations
             .iter()
-            .filter(|(_, count)| **count >= limit)
-            .map(|(destination, _)| destination.clone())
+            .map(|(destination, entry)| {
+                let room = (2 * per_destination).saturating_sub(entry.held) as u32;
+                (destination.clone(), room)
+            })
             .collect()
     }
 }
 
-impl Drop for Slot {
+impl Hold {
+    /// Waits for a turn to send.
+    async fn turn(&self) -> tokio::sync::SemaphorePermit<'_> {
+        self.turns.acquire().await.expect("never closed")
+    }
+}
+
+impl Drop for Hold {
     fn drop(&mut self) {
-        let mut counts = self.in_flight.0.lock().expect("in-flight counts");
-        if let Some(count) = counts.get_mut(&self.destination) {
-            *count -= 1;
-            if *count == 0 {
-                counts.remove(&self.destination);
+        let mut destinations = self.held.0.lock().expect("held deliveries");
+        if let Some(entry) = destinations.get_mut(&self.destination) {
+            entry.held -= 1;
+            if entry.held == 0 {
+                destinations.remove(&self.destination);
             }
         }
     }
@@ -106,7 +137,18 @@ impl Dispatcher {
 
             let mut over_limit = Vec::new();
             let mut deferred: HashMap<Millis, Vec<String>> = HashMap::new();
+            let mut signings = HashMap::new();
             for delivery in claimed {
+                // Read once per organisation and claim, not per attempt.
+                let org = delivery.org_id.clone();
+                let signing = match signings.entry(org) {
+                    Entry::Occupied(known) => known.into_mut(),
+                    Entry::Vacant(new) => new.insert(self.signing(&delivery.org_id).await),
+                };
+                let Some(signing) = signing.clone() else {
+                    // The lease lapses and the delivery is tried again later.
+                    continue;
+                };
                 match self.breakers.admit(&delivery.destination, now_ms()) {
                     Admission::Go | Admission::Probe => {}
                     Admission::Busy => {
@@ -118,16 +160,13 @@ impl Dispatcher {
                         continue;
                     }
                 }
-                let Some(slot) = self
-                    .in_flight
-                    .take(&delivery.destination, self.per_destination)
-                else {
+                let Some(hold) = self.held.take(&delivery.destination, self.per_destination) else {
                     // A probe that could not start frees its turn.
                     self.breakers.record(&delivery.destination, None, now_ms());
                     over_limit.push(delivery.id);
                     continue;
                 };
-                let permit = permits.clone().acquire_owned().await.expect("never closed");
+                let permits = permits.clone();
                 let dispatcher = self.clone();
                 let span = tracing::info_span!(
                     "delivery",
@@ -137,15 +176,14 @@ impl Dispatcher {
                 tokio::spawn(
                     async move {
                         let destination = delivery.destination.clone();
-                        let healthy = dispatcher.attempt(delivery).await;
-                        drop((slot, permit));
+                        let healthy = dispatcher.attempt(delivery, &signing, hold, &permits).await;
                         dispatcher.after_attempt(&destination, healthy).await;
                     }
                     .instrument(span),
                 );
             }
-            // Claimed past a destination's limit in the same batch: handed
-            // back untouched, and skipped by the next claims until a slot frees.
+            // Claimed past a destination's limit (a circuit that began to
+            // probe meanwhile): handed back untouched.
             self.release(over_limit, None).await;
             // Claimed while their destination's circuit is open: deferred.
             for (until, ids) in deferred {
@@ -170,13 +208,24 @@ impl Dispatcher {
         }
     }
 
-    /// The organisation's signing settings with its secrets opened.
-    async fn signing(&self, org_id: &str) -> anyhow::Result<Signing> {
-        let mut signing = self.store.signing(org_id).await?;
-        for secret in &mut signing.secrets {
-            *secret = self.secrets.open(org_id, secret)?;
+    /// The organisation's signing settings with its secrets opened, or
+    /// `None` (logged) if they cannot be read.
+    async fn signing(&self, org_id: &str) -> Option<Arc<Signing>> {
+        let opened = async {
+            let mut signing = self.store.signing(org_id).await?;
+            for secret in &mut signing.secrets {
+                *secret = self.secrets.open(org_id, secret)?;
+            }
+            anyhow::Ok(Arc::new(signing))
+        };
+        match opened.await {
+            Ok(signing) => Some(signing),
+            Err(error) => {
+                let error = format!("{error:#}");
+                tracing::error!(org.id = %org_id, error, "reading signing secrets failed");
+                None
+            }
         }
-        Ok(signing)
     }
 
     /// Feeds an attempt's outcome to its destination's circuit, deferring
@@ -201,35 +250,37 @@ impl Dispatcher {
         if free == 0 {
             return Vec::new();
         }
-        let lease_ms = self.lease.as_millis() as i64;
-        let mut skip = self.in_flight.saturated(self.per_destination);
-        skip.extend(self.breakers.probing());
-        let claimed = self
-            .store
-            .claim_deliveries(&self.owner, lease_ms, free, &skip)
-            .await;
+        let mut room = self.held.room(self.per_destination);
+        // While a probe is out, nothing else goes to its destination.
+        room.extend(self.breakers.probing().into_iter().map(|d| (d, 0)));
+        let claim = DeliveryClaim {
+            owner: self.owner.clone(),
+            lease_ms: self.lease.as_millis() as i64,
+            limit: free,
+            per_destination: self.per_destination as u32,
+            room: room.into_iter().collect(),
+        };
+        let claimed = self.store.claim_deliveries(claim).await;
         claimed.unwrap_or_else(|error| {
             tracing::error!(error = %error, "claiming deliveries failed");
             Vec::new()
         })
     }
 
-    /// Sleeps until the next delivery falls due, a new one is ready, or at
-    /// most a second.
+    /// Sleeps until the next delivery falls due, a new one is ready, an
+    /// attempt frees its destination's turn, or at most a second.
     async fn idle(&self, permits: &Semaphore, shutdown: &mut watch::Receiver<bool>) {
         let wait = if permits.available_permits() == 0 {
-            Duration::from_millis(20)
+            BUSY_POLL
         } else {
             match self.store.next_delivery_due().await {
                 Ok(Some(due)) => Duration::from_millis((due - now_ms()).clamp(0, 1000) as u64),
                 _ => MAX_IDLE,
             }
         };
-        if wait.is_zero() {
-            // Due but not claimable: leased by an attempt still running.
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            return;
-        }
+        // Due but not claimable: leased by a running attempt, or its
+        // destination holds all it may. A finishing attempt wakes us.
+        let wait = wait.max(BUSY_POLL);
         tokio::select! {
             _ = self.ready.notified() => {}
             _ = tokio::time::sleep(wait) => {}
@@ -239,23 +290,30 @@ impl Dispatcher {
 
     /// One attempt, recorded with the delivery's next step. Returns whether
     /// the receiver proved healthy (`None`: the attempt says nothing of it).
-    async fn attempt(&self, delivery: Delivery) -> Option<bool> {
+    ///
+    /// The attempt waits for its destination's turn, then for one of the
+    /// dispatcher's `permits` (a delivery waiting for its turn holds none,
+    /// so a hanging receiver holds no more than its turns). Both are given
+    /// back, and the dispatcher woken to claim more, as soon as the receiver
+    /// has answered: they bound requests to receivers, not the commits that
+    /// record them.
+    async fn attempt(
+        &self,
+        delivery: Delivery,
+        signing: &Signing,
+        hold: Hold,
+        permits: &Semaphore,
+    ) -> Option<bool> {
+        let turn = hold.turn().await;
+        let permit = permits.acquire().await.expect("never closed");
         let started_at = now_ms();
-        let signing = match self.signing(&delivery.org_id).await {
-            Ok(signing) => signing,
-            Err(error) => {
-                // The lease lapses and the delivery is tried again later.
-                tracing::error!(
-                    error = format!("{error:#}"),
-                    "reading signing secrets failed"
-                );
-                return None;
-            }
-        };
         let result = self
             .client
-            .send(&delivery.url, &delivery.id, &delivery.body, &signing)
+            .send(&delivery.url, &delivery.id, &delivery.body, signing)
             .await;
+        drop((permit, turn));
+        drop(hold);
+        self.ready.notify_one();
 
         let attempts = delivery.attempts + 1;
         // A redelivery starts the schedule again.

@@ -8,7 +8,7 @@
 
 mod sqlite;
 
-pub use sqlite::SqliteStore;
+pub use sqlite::{SqliteStore, CLAIM_DELIVERIES_SQL, NEXT_DELIVERY_DUE_SQL};
 
 use crate::domain::{Agent, Event, EventKind, InputMessage, Millis, Session, SessionError};
 use async_trait::async_trait;
@@ -54,6 +54,20 @@ pub fn database_file(url: &str) -> Option<std::path::PathBuf> {
     let file = options.get_filename();
     (!file.as_os_str().is_empty() && file != std::path::Path::new(":memory:"))
         .then(|| file.to_owned())
+}
+
+/// What one claim of due deliveries may take.
+#[derive(Debug, Clone)]
+pub struct DeliveryClaim {
+    pub owner: String,
+    pub lease_ms: i64,
+    /// Deliveries in all.
+    pub limit: u32,
+    /// Deliveries to one destination, unless `room` says otherwise.
+    pub per_destination: u32,
+    /// Destinations with less room than `per_destination` (0: none at all),
+    /// each listed once.
+    pub room: Vec<(String, u32)>,
 }
 
 /// A new organisation with its first API key.
@@ -294,14 +308,9 @@ pub trait Store: Send + Sync + 'static {
     /// one transaction, if `owner` still holds the lease.
     async fn finish_session(&self, owner: &str, finish: Finish) -> Result<()>;
 
-    /// Claims due deliveries, skipping the listed destinations.
-    async fn claim_deliveries(
-        &self,
-        owner: &str,
-        lease_ms: i64,
-        limit: u32,
-        skip: &[String],
-    ) -> Result<Vec<Delivery>>;
+    /// Claims due deliveries, the longest due first, within the claim's
+    /// limits.
+    async fn claim_deliveries(&self, claim: DeliveryClaim) -> Result<Vec<Delivery>>;
     /// Gives claimed deliveries back unattempted, to be claimed again, and
     /// not before `not_before` when given.
     async fn release_deliveries(

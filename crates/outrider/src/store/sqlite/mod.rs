@@ -19,16 +19,21 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    ApiKey, AttemptRecord, AttemptState, CancelResult, Created, Delivery, DeliveryState, Finish,
-    NewOrg, NewSession, NextStep, OrgSettings, Redelivery, Renewal, Result, Signing, Store,
-    StoreError, StoredSecret,
+    ApiKey, AttemptRecord, AttemptState, CancelResult, Created, Delivery, DeliveryClaim,
+    DeliveryState, Finish, NewOrg, NewSession, NextStep, OrgSettings, Redelivery, Renewal, Result,
+    Signing, Store, StoreError, StoredSecret,
 };
 use crate::domain::{now_ms, Agent, Event, EventKind, Millis, Session, SessionStatus};
 use rows::{
     agent_from_row, attempt_from_row, delivery_state_from_row, event_from_row, parse_status,
     session_from_row, to_json,
 };
+pub use writes::CLAIM_DELIVERIES_SQL;
 use writes::{Write, WriteRequest, Written, MAX_BATCH};
+
+/// When the next pending delivery falls due (the dispatcher's look-ahead).
+pub const NEXT_DELIVERY_DUE_SQL: &str =
+    "SELECT MIN(next_attempt_at) FROM deliveries WHERE status = 'pending'";
 
 /// How often the WAL is checkpointed.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
@@ -436,18 +441,10 @@ impl Store for SqliteStore {
         }
     }
 
-    async fn claim_deliveries(
-        &self,
-        owner: &str,
-        lease_ms: i64,
-        limit: u32,
-        skip: &[String],
-    ) -> Result<Vec<Delivery>> {
+    async fn claim_deliveries(&self, claim: DeliveryClaim) -> Result<Vec<Delivery>> {
         let write = Write::ClaimDeliveries {
-            owner: owner.to_owned(),
-            lease_ms,
-            limit,
-            skip: to_json(skip),
+            room: to_json(&claim.room),
+            claim,
         };
         match self.write(write).await? {
             Written::Deliveries(deliveries) => Ok(deliveries),
@@ -484,11 +481,9 @@ impl Store for SqliteStore {
     }
 
     async fn next_delivery_due(&self) -> Result<Option<Millis>> {
-        let due = sqlx::query_scalar(
-            "SELECT MIN(next_attempt_at) FROM deliveries WHERE status = 'pending'",
-        )
-        .fetch_one(&self.reader)
-        .await?;
+        let due = sqlx::query_scalar(NEXT_DELIVERY_DUE_SQL)
+            .fetch_one(&self.reader)
+            .await?;
         Ok(due)
     }
 
@@ -595,4 +590,210 @@ impl Store for SqliteStore {
 /// A write answered with the wrong kind of result: a bug, reported as such.
 fn unexpected(written: Written) -> StoreError {
     StoreError::Corrupt(format!("unexpected write result {written:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{new_id, AgentSpec, InputMessage, ModelProvider, Role, ToolChoice};
+    use crate::store::{NewDelivery, Outcome};
+    use futures_util::future::join_all;
+    use serde_json::json;
+
+    async fn store_with_org(dir: &std::path::Path) -> (SqliteStore, Agent) {
+        let url = format!("sqlite://{}", dir.join("t.db").display());
+        let store = SqliteStore::open(&url).await.unwrap();
+        let org = NewOrg {
+            id: new_id(),
+            name: "acme".into(),
+            signing_secret: "whsec_test".into(),
+            key_id: new_id(),
+            key_hash: vec![0; 32],
+        };
+        let agent = Agent {
+            id: new_id(),
+            org_id: org.id.clone(),
+            spec: AgentSpec {
+                name: "a".into(),
+                model_provider: ModelProvider::Scripted,
+                model: "scripted".into(),
+                system: None,
+                max_steps: 3,
+                temperature: None,
+                max_tokens: None,
+                tools: Vec::new(),
+                tool_choice: ToolChoice::Auto,
+                script: Vec::new(),
+            },
+            created_at: now_ms(),
+            updated_at: now_ms(),
+        };
+        store.create_first_org(org, &agent).await.unwrap();
+        (store, agent)
+    }
+
+    fn new_session(agent: &Agent) -> NewSession {
+        NewSession {
+            id: new_id(),
+            org_id: agent.org_id.clone(),
+            agent: agent.clone(),
+            input: vec![InputMessage {
+                role: Role::User,
+                content: "hi".into(),
+            }],
+            metadata: None,
+            callback_url: Some("https://example.com/hook".into()),
+            idempotency_key: None,
+            fingerprint: Vec::new(),
+            created_at: now_ms(),
+        }
+    }
+
+    /// Runs a session to its end, leaving a pending delivery; returns its id.
+    async fn finished_with_callback(store: &SqliteStore, agent: &Agent) -> String {
+        store.create_session(new_session(agent)).await.unwrap();
+        let session = store
+            .claim_session("worker", 60_000)
+            .await
+            .unwrap()
+            .unwrap();
+        let delivery = NewDelivery {
+            id: new_id(),
+            url: "https://example.com/hook".into(),
+            destination: "example.com:443".into(),
+            body: b"{}".to_vec(),
+            deadline_at: now_ms() + 60_000,
+        };
+        let finish = Finish {
+            session_id: session.id.clone(),
+            outcome: Outcome::Succeeded {
+                output: "ok".into(),
+            },
+            completed_at: now_ms(),
+            end_event: json!({}),
+            delivery: Some(delivery.clone()),
+        };
+        store.finish_session("worker", finish).await.unwrap();
+        delivery.id
+    }
+
+    fn answered(status: u16) -> AttemptRecord {
+        AttemptRecord {
+            started_at: now_ms(),
+            duration_ms: 3,
+            status_code: Some(status),
+            error_kind: None,
+            error_message: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failing_write_among_concurrent_ones_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, agent) = store_with_org(dir.path()).await;
+        let stranger = store.create_session(new_session(&agent)).await.unwrap();
+        let Created::New(stranger) = stranger else {
+            panic!("a new session");
+        };
+
+        // Sent together, these share commits; the append is refused (the
+        // session is not leased to "nobody"), the sessions are created.
+        let creates = join_all((0..20).map(|_| store.create_session(new_session(&agent))));
+        let append = store.append_event(&stranger, "nobody", EventKind::Message, json!({}));
+        let (created, appended) = tokio::join!(creates, append);
+
+        assert!(
+            matches!(appended, Err(StoreError::LeaseLost)),
+            "{appended:?}"
+        );
+        for created in created {
+            let Created::New(id) = created.unwrap() else {
+                panic!("a new session");
+            };
+            assert!(store.session(&agent.org_id, &id).await.unwrap().is_some());
+        }
+    }
+
+    #[tokio::test]
+    async fn attempts_recorded_together_each_count_once_and_a_lost_lease_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, agent) = store_with_org(dir.path()).await;
+        let mut ids = Vec::new();
+        for _ in 0..5 {
+            ids.push(finished_with_callback(&store, &agent).await);
+        }
+        let claim = DeliveryClaim {
+            owner: "dispatcher".into(),
+            lease_ms: 60_000,
+            limit: 10,
+            per_destination: 10,
+            room: Vec::new(),
+        };
+        assert_eq!(store.claim_deliveries(claim).await.unwrap().len(), 5);
+
+        // Four answered 200 and one 503 by the lease holder; one more
+        // record for the first delivery from a dispatcher without its lease.
+        let records = ids.iter().enumerate().map(|(i, id)| {
+            let (status, next) = match i {
+                4 => (503, NextStep::RetryAt(now_ms() + 5_000)),
+                _ => (200, NextStep::Succeeded),
+            };
+            store.record_attempt(id, "dispatcher", answered(status), next)
+        });
+        let intruder = store.record_attempt(&ids[0], "other", answered(200), NextStep::Succeeded);
+        let (recorded, intruded) = tokio::join!(join_all(records), intruder);
+
+        assert!(recorded.iter().all(Result::is_ok), "{recorded:?}");
+        assert!(
+            matches!(intruded, Err(StoreError::LeaseLost)),
+            "{intruded:?}"
+        );
+        for (i, id) in ids.iter().enumerate() {
+            let state = store.delivery(None, id).await.unwrap().unwrap();
+            let attempts = store.attempts(id).await.unwrap();
+            assert_eq!(state.attempts, 1, "{state:?}");
+            assert_eq!(attempts.len(), 1);
+            assert_eq!(attempts[0].n, 1);
+            let (status, code) = if i == 4 {
+                ("pending", 503)
+            } else {
+                ("succeeded", 200)
+            };
+            assert_eq!(state.status, status);
+            assert_eq!(state.last_status_code, Some(code));
+            assert_eq!(attempts[0].record.status_code, Some(code));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_claim_takes_no_more_than_each_destination_has_room_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, agent) = store_with_org(dir.path()).await;
+        for _ in 0..6 {
+            finished_with_callback(&store, &agent).await;
+        }
+        let claim = |room: Vec<(String, u32)>| DeliveryClaim {
+            owner: "dispatcher".into(),
+            lease_ms: 60_000,
+            limit: 10,
+            per_destination: 4,
+            room,
+        };
+        let full = vec![("example.com:443".to_owned(), 0)];
+        assert!(store
+            .claim_deliveries(claim(full))
+            .await
+            .unwrap()
+            .is_empty());
+        let some = vec![("example.com:443".to_owned(), 1)];
+        assert_eq!(store.claim_deliveries(claim(some)).await.unwrap().len(), 1);
+        assert_eq!(
+            store.claim_deliveries(claim(vec![])).await.unwrap().len(),
+            4
+        );
+        assert_eq!(
+            store.claim_deliveries(claim(vec![])).await.unwrap().len(),
+            1
+        );
+    }
 }

@@ -4,8 +4,10 @@
 //! SQLite allows one writer, and each durable commit costs an fsync. Sending
 //! accepts, event appends, claims and attempt records through one queue lets
 //! a single commit (and a single fsync) carry many of them. Each write runs in
-//! its own savepoint, so one failing write does not undo the others, and no
-//! caller hears back before the commit that holds its write.
+//! the same transaction; should one fail, the batch is rolled back and applied
+//! again with each write in its own savepoint, so a failing write does not
+//! undo the others. No caller hears back before the commit that holds its
+//! write.
 
 use serde_json::{json, Value};
 use sqlx::{SqliteConnection, SqlitePool};
@@ -14,8 +16,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::rows::{delivery_from_row, session_from_row, to_json};
 use crate::domain::{now_ms, Event, EventKind, Millis, Session, SessionStatus};
 use crate::store::{
-    AttemptRecord, Created, Delivery, Finish, NewSession, NextStep, Outcome, Renewal, Result,
-    StoreError,
+    AttemptRecord, Created, Delivery, DeliveryClaim, Finish, NewSession, NextStep, Outcome,
+    Renewal, Result, StoreError,
 };
 
 /// How many writes one commit may carry.
@@ -48,11 +50,9 @@ pub enum Write {
         finish: Finish,
     },
     ClaimDeliveries {
-        owner: String,
-        lease_ms: i64,
-        limit: u32,
-        /// Destinations to skip, as a JSON array.
-        skip: String,
+        claim: DeliveryClaim,
+        /// `claim.room` as a JSON array of `[destination, room]` pairs.
+        room: String,
     },
     ReleaseDeliveries {
         owner: String,
@@ -118,6 +118,51 @@ pub async fn commit_batches(writer: SqlitePool, mut queue: mpsc::Receiver<WriteR
 }
 
 async fn apply_batch(writer: &SqlitePool, batch: &[WriteRequest]) -> Result<Vec<Result<Written>>> {
+    // Almost every batch succeeds whole: apply it as it is, and only when a
+    // write fails start again with a savepoint around each write.
+    if let Some(results) = apply_all_or_none(writer, batch).await? {
+        return Ok(results);
+    }
+    apply_each(writer, batch).await
+}
+
+/// Commits the batch if every write succeeds; `None` (nothing written) if
+/// one fails.
+async fn apply_all_or_none(
+    writer: &SqlitePool,
+    batch: &[WriteRequest],
+) -> Result<Option<Vec<Result<Written>>>> {
+    let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
+    let mut results = Vec::with_capacity(batch.len());
+    // Attempt records, the bulk of a busy dispatcher's writes, go in last
+    // and together: two statements for all of them.
+    let mut attempts = Vec::new();
+    for (write, _) in batch {
+        if let Write::RecordAttempt { .. } = write {
+            attempts.push(attempt_row(write));
+            results.push(Ok(Written::Done));
+            continue;
+        }
+        match apply(&mut tx, write).await {
+            Ok(written) => results.push(Ok(written)),
+            Err(_) => {
+                tx.rollback().await?;
+                return Ok(None);
+            }
+        }
+    }
+    let expected = attempts.len() as u64;
+    if expected > 0 && record_attempts(&mut tx, attempts).await? != expected {
+        tx.rollback().await?;
+        return Ok(None);
+    }
+    tx.commit().await?;
+    Ok(Some(results))
+}
+
+/// Commits the batch with each write in its own savepoint, so a failing
+/// write leaves nothing behind and the others stand.
+async fn apply_each(writer: &SqlitePool, batch: &[WriteRequest]) -> Result<Vec<Result<Written>>> {
     let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
     let mut results = Vec::with_capacity(batch.len());
     for (write, _) in batch {
@@ -165,12 +210,7 @@ async fn apply(tx: &mut SqliteConnection, write: &Write) -> Result<Written> {
             }
             write_finish(tx, finish).await.map(|()| Written::Done)
         }
-        Write::ClaimDeliveries {
-            owner,
-            lease_ms,
-            limit,
-            skip,
-        } => claim_deliveries(tx, owner, *lease_ms, *limit, skip)
+        Write::ClaimDeliveries { claim, room } => claim_deliveries(tx, claim, room)
             .await
             .map(Written::Deliveries),
         Write::ReleaseDeliveries {
@@ -203,14 +243,10 @@ async fn apply(tx: &mut SqliteConnection, write: &Write) -> Result<Written> {
             .await?;
             Ok(Written::Count(deferred.rows_affected()))
         }
-        Write::RecordAttempt {
-            delivery_id,
-            owner,
-            attempt,
-            next,
-        } => record_attempt(tx, delivery_id, owner, attempt, *next)
-            .await
-            .map(|()| Written::Done),
+        Write::RecordAttempt { .. } => match record_attempts(tx, vec![attempt_row(write)]).await? {
+            0 => Err(StoreError::LeaseLost),
+            _ => Ok(Written::Done),
+        },
     }
 }
 
@@ -411,89 +447,122 @@ pub async fn write_finish(tx: &mut SqliteConnection, finish: &Finish) -> Result<
     Ok(())
 }
 
+/// Leases due deliveries, the longest due first, at most `?4` in all and
+/// at most each destination's room: `?5`, unless the `[destination, room]`
+/// pairs in `?6` give less. Only the `?7` longest due are looked at, so a
+/// claim costs the same however many deliveries wait.
+pub const CLAIM_DELIVERIES_SQL: &str = "
+    UPDATE deliveries SET lease_owner = ?1, lease_until = ?2
+    WHERE id IN (
+        SELECT id FROM (
+            SELECT due.id, due.next_attempt_at, COALESCE(room.n, ?5) AS room,
+                   ROW_NUMBER() OVER (PARTITION BY due.destination
+                                      ORDER BY due.next_attempt_at, due.id) AS nth
+            FROM (SELECT id, destination, next_attempt_at FROM deliveries
+                  WHERE status = 'pending' AND next_attempt_at <= ?3
+                    AND (lease_until IS NULL OR lease_until < ?3)
+                    AND destination NOT IN (SELECT value ->> 0 FROM json_each(?6)
+                                            WHERE value ->> 1 = 0)
+                  ORDER BY next_attempt_at LIMIT ?7) AS due
+            LEFT JOIN (SELECT value ->> 0 AS destination, value ->> 1 AS n
+                       FROM json_each(?6)) AS room
+                   ON room.destination = due.destination)
+        WHERE nth <= room
+        ORDER BY next_attempt_at LIMIT ?4)
+    RETURNING id, session_id, org_id, url, destination, body, attempts, round_start,
+              created_at, deadline_at";
+
 async fn claim_deliveries(
     tx: &mut SqliteConnection,
-    owner: &str,
-    lease_ms: i64,
-    limit: u32,
-    skip: &str,
+    claim: &DeliveryClaim,
+    room: &str,
 ) -> Result<Vec<Delivery>> {
     let now = now_ms();
-    let rows = sqlx::query(
-        "UPDATE deliveries SET lease_owner = ?1, lease_until = ?2
-         WHERE id IN (SELECT id FROM deliveries
-                      WHERE status = 'pending' AND next_attempt_at <= ?3
-                        AND (lease_until IS NULL OR lease_until < ?3)
-                        AND destination NOT IN (SELECT value FROM json_each(?5))
-                      ORDER BY next_attempt_at LIMIT ?4)
-         RETURNING id, session_id, org_id, url, destination, body, attempts, round_start,
-                   created_at, deadline_at",
-    )
-    .bind(owner)
-    .bind(now + lease_ms)
-    .bind(now)
-    .bind(limit)
-    .bind(skip)
-    .fetch_all(&mut *tx)
-    .await?;
+    let looked_at = (claim.limit * 2).clamp(32, 512);
+    let rows = sqlx::query(CLAIM_DELIVERIES_SQL)
+        .bind(&claim.owner)
+        .bind(now + claim.lease_ms)
+        .bind(now)
+        .bind(claim.limit)
+        .bind(claim.per_destination)
+        .bind(room)
+        .bind(looked_at)
+        .fetch_all(&mut *tx)
+        .await?;
     rows.iter().map(delivery_from_row).collect()
 }
 
-async fn record_attempt(
-    tx: &mut SqliteConnection,
-    delivery_id: &str,
-    owner: &str,
-    attempt: &AttemptRecord,
-    next: NextStep,
-) -> Result<()> {
-    let n: Option<i64> = sqlx::query_scalar(
-        "UPDATE deliveries SET attempts = attempts + 1
-         WHERE id = ? AND lease_owner = ? AND status = 'pending'
-         RETURNING attempts",
-    )
-    .bind(delivery_id)
-    .bind(owner)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let n = n.ok_or(StoreError::LeaseLost)?;
-
-    sqlx::query(
-        "INSERT INTO delivery_attempts (delivery_id, n, started_at, duration_ms,
-                                        status_code, error_kind, error_message)
-         VALUES (?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(delivery_id)
-    .bind(n)
-    .bind(attempt.started_at)
-    .bind(attempt.duration_ms)
-    .bind(attempt.status_code)
-    .bind(&attempt.error_kind)
-    .bind(&attempt.error_message)
-    .execute(&mut *tx)
-    .await?;
-
+/// A `RecordAttempt` as one element of the JSON array that
+/// [`record_attempts`] reads.
+fn attempt_row(write: &Write) -> Value {
+    let Write::RecordAttempt {
+        delivery_id,
+        owner,
+        attempt,
+        next,
+    } = write
+    else {
+        unreachable!("only attempt records are rows");
+    };
     let (status, next_at, completed_at) = match next {
         NextStep::Succeeded => ("succeeded", None, Some(now_ms())),
         NextStep::Failed => ("failed", None, Some(now_ms())),
-        NextStep::RetryAt(at) => ("pending", Some(at), None),
+        NextStep::RetryAt(at) => ("pending", Some(*at), None),
     };
-    let last_error = attempt
-        .error_message
-        .as_ref()
-        .or(attempt.error_kind.as_ref());
-    sqlx::query(
-        "UPDATE deliveries
-         SET status = ?, next_attempt_at = ?, completed_at = ?, last_status_code = ?,
-             last_error = ?, lease_owner = NULL, lease_until = NULL
-         WHERE id = ?",
+    json!({
+        "id": delivery_id,
+        "owner": owner,
+        "status": status,
+        "next_at": next_at,
+        "completed_at": completed_at,
+        "started_at": attempt.started_at,
+        "duration_ms": attempt.duration_ms,
+        "status_code": attempt.status_code,
+        "error_kind": attempt.error_kind,
+        "error_message": attempt.error_message,
+        "last_error": attempt.error_message.as_ref().or(attempt.error_kind.as_ref()),
+    })
+}
+
+/// Records attempts, each as the next attempt of its delivery, and moves
+/// the deliveries to their next step, in two statements however many there
+/// are. Only deliveries still leased by the attempt's owner and pending are
+/// touched; returns how many were.
+///
+/// The `+` before `status` keeps SQLite from walking every pending delivery
+/// through the status index: each row is found by its id instead.
+async fn record_attempts(tx: &mut SqliteConnection, rows: Vec<Value>) -> Result<u64> {
+    let rows = Value::Array(rows).to_string();
+    let inserted = sqlx::query(
+        "INSERT INTO delivery_attempts (delivery_id, n, started_at, duration_ms,
+                                        status_code, error_kind, error_message)
+         SELECT d.id, d.attempts + 1, a.value ->> 'started_at', a.value ->> 'duration_ms',
+                a.value ->> 'status_code', a.value ->> 'error_kind', a.value ->> 'error_message'
+         FROM json_each(?) AS a
+         JOIN deliveries AS d ON d.id = a.value ->> 'id'
+         WHERE d.lease_owner = a.value ->> 'owner' AND +d.status = 'pending'",
     )
-    .bind(status)
-    .bind(next_at)
-    .bind(completed_at)
-    .bind(attempt.status_code)
-    .bind(last_error)
-    .bind(delivery_id)
+    .bind(&rows)
     .execute(&mut *tx)
-    .await?;
-    Ok(())
+    .await?
+    .rows_affected();
+    let updated = sqlx::query(
+        "UPDATE deliveries
+         SET attempts = attempts + 1, status = a.value ->> 'status',
+             next_attempt_at = a.value ->> 'next_at', completed_at = a.value ->> 'completed_at',
+             last_status_code = a.value ->> 'status_code', last_error = a.value ->> 'last_error',
+             lease_owner = NULL, lease_until = NULL
+         FROM json_each(?) AS a
+         WHERE deliveries.id = a.value ->> 'id'
+           AND deliveries.lease_owner = a.value ->> 'owner' AND +deliveries.status = 'pending'",
+    )
+    .bind(&rows)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    debug_assert_eq!(
+        inserted, updated,
+        "an attempt row for each delivery moved on"
+    );
+    Ok(updated)
 }
