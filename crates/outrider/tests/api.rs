@@ -266,6 +266,15 @@ async fn invalid_agent_fields_each_answer_400_naming_the_field() {
         (json!({"name": "n".repeat(201)}), "name"),
         (json!({"model": ""}), "model"),
         (json!({"tools": "echo"}), "tools"),
+        (json!({"tool_choice": "required"}), "tool_choice"),
+        (
+            json!({"tools": ["add"], "tool_choice": "always"}),
+            "tool_choice",
+        ),
+        (
+            json!({"model_provider": "local", "model": "llama-70b"}),
+            "model",
+        ),
     ];
     for (spec, field) in cases {
         let (status, body) = server.post("/v1/agents", &key, spec.clone()).await;
@@ -273,6 +282,29 @@ async fn invalid_agent_fields_each_answer_400_naming_the_field() {
     }
     let (_, list) = server.get("/v1/agents", &key).await;
     assert_eq!(list["agents"], json!([]), "no agent was stored");
+}
+
+#[tokio::test]
+async fn an_agent_without_a_provider_runs_locally_unless_its_model_is_another() {
+    let server = Server::start(&[]);
+    let key = server.org("acme").api_key;
+    let cases = [
+        (json!({}), "local", "smollm2-135m-instruct"),
+        (
+            json!({"model": "smollm2-135m-instruct"}),
+            "local",
+            "smollm2-135m-instruct",
+        ),
+        (json!({"model": "gpt-4o-mini"}), "openai", "gpt-4o-mini"),
+        (json!({"model_provider": "openai"}), "openai", "gpt-4o-mini"),
+    ];
+    for (spec, provider, model) in cases {
+        let (status, agent) = server.post("/v1/agents", &key, spec.clone()).await;
+        assert_eq!(status, 201, "{spec}: {agent}");
+        assert_eq!(agent["model_provider"], provider, "{spec}");
+        assert_eq!(agent["model"], model, "{spec}");
+        assert_eq!(agent["tool_choice"], "auto", "{spec}");
+    }
 }
 
 #[tokio::test]
