@@ -46,12 +46,8 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use outrider::domain::{new_id, now_ms};
+use outrider::listen::{server_tls, LoopbackCertificates};
 use outrider::store::{CLAIM_DELIVERIES_SQL, NEXT_DELIVERY_DUE_SQL};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
-use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde::Deserialize;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Sqlite, SqlitePool};
@@ -286,7 +282,7 @@ impl Bench {
     fn create(binary: &Path) -> anyhow::Result<Bench> {
         let dir = tempfile::tempdir()?;
         let database_url = format!("sqlite://{}", dir.path().join("outrider.db").display());
-        let (ca_pem, tls) = certificates();
+        let (ca_pem, tls) = certificates()?;
         let ca_file = dir.path().join("ca.pem");
         std::fs::write(&ca_file, ca_pem)?;
         let output = Command::new(binary)
@@ -716,42 +712,9 @@ fn memory_kb(pid: u32) -> (u64, u64) {
 }
 
 /// A fresh CA and a server configuration whose certificate it signed, for
-/// `localhost` and `127.0.0.1`.
-fn certificates() -> (String, Arc<rustls::ServerConfig>) {
-    let mut ca = CertificateParams::new(Vec::new()).expect("CA parameters");
-    ca.distinguished_name
-        .push(DnType::CommonName, "outrider bench CA");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca_key = KeyPair::generate().expect("generate the CA key");
-    let ca_pem = ca.self_signed(&ca_key).expect("self-sign the CA").pem();
-    let issuer = Issuer::new(ca, ca_key);
-
-    let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
-    let mut params = CertificateParams::new(names).expect("server certificate names");
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "localhost");
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    params.use_authority_key_identifier_extension = true;
-    let key = KeyPair::generate().expect("generate the server key");
-    let cert = params
-        .signed_by(&key, &issuer)
-        .expect("sign the server certificate");
-    let key: PrivateKeyDer = PrivatePkcs8KeyDer::from(key.serialize_der()).into();
-
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default TLS versions")
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.der().clone()], key)
-        .expect("the certificate matches its key");
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    (ca_pem, Arc::new(config))
+/// the loopback names.
+fn certificates() -> anyhow::Result<(String, Arc<rustls::ServerConfig>)> {
+    let certificates = LoopbackCertificates::generate()?;
+    let tls = server_tls(certificates.cert.as_bytes(), certificates.key.as_bytes())?;
+    Ok((certificates.ca, tls))
 }

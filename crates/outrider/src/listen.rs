@@ -131,15 +131,19 @@ fn tls_files(dir: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
     if !cert_path.exists() || !key_path.exists() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        make_certificates(dir)?;
+        write_certificates(dir, &LoopbackCertificates::generate()?)?;
     }
     let cert = std::fs::read(&cert_path)?;
-    let certs: Vec<CertificateDer<'static>> =
-        rustls_pemfile::certs(&mut cert.as_slice()).collect::<Result<_, _>>()?;
     let key = std::fs::read(&key_path)?;
-    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut key.as_slice())?
-        .with_context(|| format!("no private key in {}", key_path.display()))?;
+    server_tls(&cert, &key).with_context(|| format!("reading {}", dir.display()))
+}
 
+/// HTTP/1.1 server TLS settings from a PEM certificate chain and key.
+pub fn server_tls(cert_pem: &[u8], key_pem: &[u8]) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let certs: Vec<CertificateDer<'static>> =
+        rustls_pemfile::certs(&mut &cert_pem[..]).collect::<Result<_, _>>()?;
+    let key: PrivateKeyDer<'static> =
+        rustls_pemfile::private_key(&mut &key_pem[..])?.context("no private key")?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
@@ -149,33 +153,50 @@ fn tls_files(dir: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     Ok(Arc::new(config))
 }
 
-/// A CA (`ca.pem`) and a certificate it signed for the loopback names.
-fn make_certificates(dir: &Path) -> anyhow::Result<()> {
-    let mut ca = CertificateParams::new(Vec::new())?;
-    ca.distinguished_name
-        .push(DnType::CommonName, "outrider listen CA");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca_key = KeyPair::generate()?;
-    let ca_cert = ca.self_signed(&ca_key)?;
-    let issuer = Issuer::new(ca, ca_key);
+/// A new CA and a certificate it signed for `localhost`, `127.0.0.1` and
+/// `::1`, all as PEM.
+pub struct LoopbackCertificates {
+    pub ca: String,
+    pub cert: String,
+    pub key: String,
+}
 
-    let names = ["localhost", "127.0.0.1", "::1"]
-        .map(str::to_owned)
-        .to_vec();
-    let mut leaf = CertificateParams::new(names)?;
-    leaf.distinguished_name
-        .push(DnType::CommonName, "localhost");
-    let leaf_key = KeyPair::generate()?;
-    let leaf_cert = leaf.signed_by(&leaf_key, &issuer)?;
+impl LoopbackCertificates {
+    pub fn generate() -> anyhow::Result<Self> {
+        let mut ca = CertificateParams::new(Vec::new())?;
+        ca.distinguished_name
+            .push(DnType::CommonName, "outrider listen CA");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_key = KeyPair::generate()?;
+        let ca_cert = ca.self_signed(&ca_key)?;
+        let issuer = Issuer::new(ca, ca_key);
 
-    std::fs::write(dir.join("ca.pem"), ca_cert.pem())?;
-    std::fs::write(dir.join("cert.pem"), leaf_cert.pem())?;
+        let names = ["localhost", "127.0.0.1", "::1"]
+            .map(str::to_owned)
+            .to_vec();
+        let mut leaf = CertificateParams::new(names)?;
+        leaf.distinguished_name
+            .push(DnType::CommonName, "localhost");
+        let leaf_key = KeyPair::generate()?;
+        let leaf_cert = leaf.signed_by(&leaf_key, &issuer)?;
+        Ok(Self {
+            ca: ca_cert.pem(),
+            cert: leaf_cert.pem(),
+            key: leaf_key.serialize_pem(),
+        })
+    }
+}
+
+/// `ca.pem`, `cert.pem` and `key.pem` (readable by the owner only) in `dir`.
+fn write_certificates(dir: &Path, certificates: &LoopbackCertificates) -> anyhow::Result<()> {
+    std::fs::write(dir.join("ca.pem"), &certificates.ca)?;
+    std::fs::write(dir.join("cert.pem"), &certificates.cert)?;
     let key_path = dir.join("key.pem");
-    std::fs::write(&key_path, leaf_key.serialize_pem())?;
+    std::fs::write(&key_path, &certificates.key)?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
