@@ -90,7 +90,19 @@ pub struct AgentSpec {
     pub script: Vec<ScriptedReply>,
 }
 
-/// Whether each model call may, must or must not call a tool (OpenAI's
+impl AgentSpec {
+    /// The tool choice for one step. `Required` holds for the first step
+    /// only, as agent tooling built on OpenAI's API resets it: an agent made
+    /// to call a tool on every step could never give its answer.
+    pub fn tool_choice_at(&self, step: u32) -> ToolChoice {
+        match self.tool_choice {
+            ToolChoice::Required if step > 1 => ToolChoice::Auto,
+            choice => choice,
+        }
+    }
+}
+
+/// Whether a model call may, must or must not call a tool (OpenAI's
 /// `tool_choice`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -98,7 +110,7 @@ pub enum ToolChoice {
     /// The model decides.
     #[default]
     Auto,
-    /// Every reply is a tool call.
+    /// The first step's reply is a tool call; later steps are `Auto`.
     Required,
     /// No reply is a tool call.
     None,

@@ -173,6 +173,35 @@ async fn an_agent_that_never_stops_calling_tools_fails_after_max_steps() {
 }
 
 #[tokio::test]
+async fn a_required_tool_choice_is_sent_for_the_first_step_only() {
+    let receiver = Receiver::start(vec![]).await;
+    let model = FakeModel::start(vec![
+        ModelReply::ToolCall {
+            name: "add".into(),
+            arguments: json!({"numbers": [17, 25]}),
+        },
+        ModelReply::Text("42".into()),
+    ])
+    .await;
+    let server = server_for(&receiver, &["--openai-base-url", &model.base_url()]);
+    let org = server.org("acme");
+    let spec = json!({"name": "sum", "model": "m", "tools": ["add"], "tool_choice": "required"});
+    let agent = server.agent(&org.api_key, spec).await;
+
+    let path = format!("/v1/agents/{agent}/interact");
+    let (status, answer) = server
+        .post(&path, &org.api_key, json!({"message": "17 + 25?"}))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["status"], "succeeded", "{answer}");
+    assert_eq!(answer["output"], "42");
+    let calls = model.calls();
+    assert_eq!(calls.len(), 2);
+    assert_eq!(calls[0]["tool_choice"], "required");
+    assert_eq!(calls[1].get("tool_choice"), None, "auto is the default");
+}
+
+#[tokio::test]
 async fn a_callback_is_retried_after_503s_with_the_same_bytes_and_fresh_signatures() {
     let receiver = Receiver::start(vec![Reply::Status(503), Reply::Status(503)]).await;
     let server = server_for(&receiver, &[]);

@@ -139,9 +139,9 @@ async fn every_tool_call_the_local_model_makes_fits_the_tools_schema() {
     let server = server_with_model(&receiver);
     let key = server.org("acme").api_key;
 
-    // "required" makes every reply a call, so the grammar is exercised on
-    // every step; a high temperature gives the sampler every chance to
-    // stray. Such an agent runs out of steps by design.
+    // "required" makes the first reply a call, so the grammar is surely
+    // exercised; a high temperature gives the sampler every chance to
+    // stray. Several sessions, for several samples.
     let agent = server
         .agent(
             &key,
@@ -150,31 +150,34 @@ async fn every_tool_call_the_local_model_makes_fits_the_tools_schema() {
         )
         .await;
     let path = format!("/v1/agents/{agent}/interact");
-    let message = json!({"message": "Add 17 and 25, then repeat the word done."});
-    let (status, accepted) = server.post(&path, &key, message).await;
-    assert_eq!(status, 200, "{accepted}");
-    let session = accepted["session_id"].as_str().expect("session_id");
-    let ended = wait_ended(&server, &key, session).await;
-    assert_eq!(ended["status"], "failed", "{ended}");
-    assert_eq!(ended["error"]["code"], "EXECUTION_ERROR", "{ended}");
+    for _ in 0..3 {
+        let message = json!({"message": "Add 17 and 25, then repeat the word done."});
+        let (status, accepted) = server.post(&path, &key, message).await;
+        assert_eq!(status, 200, "{accepted}");
+        let session = accepted["session_id"].as_str().expect("session_id");
+        let ended = wait_ended(&server, &key, session).await;
 
-    let events = events(&server, &key, session).await;
-    let steps = of_type(&events, "llm_call");
-    assert_eq!(steps.len(), 3, "{events:?}");
-    let mut calls = 0;
-    for step in &steps {
-        let made = step["data"]["message"]["tool_calls"]
-            .as_array()
-            .expect("tool_calls");
-        assert!(!made.is_empty(), "a step without a call: {step}");
-        for call in made {
-            let name = call["name"].as_str().expect("name");
-            assert_fits_schema(name, call["arguments"].as_str().expect("arguments"));
-            calls += 1;
+        let events = events(&server, &key, session).await;
+        let steps = of_type(&events, "llm_call");
+        let first = steps[0]["data"]["message"]["tool_calls"].as_array();
+        assert!(first.is_some_and(|calls| !calls.is_empty()), "{events:?}");
+        let mut calls = 0;
+        for step in &steps {
+            let made = step["data"]["message"]["tool_calls"].as_array();
+            for call in made.into_iter().flatten() {
+                let name = call["name"].as_str().expect("name");
+                assert_fits_schema(name, call["arguments"].as_str().expect("arguments"));
+                calls += 1;
+            }
+        }
+        assert!(of_type(&events, "tool_error").is_empty(), "{events:?}");
+        assert_eq!(of_type(&events, "tool_call").len(), calls);
+        // It answered after its calls, or kept calling until out of steps.
+        match ended["status"].as_str() {
+            Some("succeeded") => assert!(ended["output"].is_string(), "{ended}"),
+            _ => assert_eq!(ended["error"]["code"], "EXECUTION_ERROR", "{ended}"),
         }
     }
-    assert!(of_type(&events, "tool_error").is_empty(), "{events:?}");
-    assert_eq!(of_type(&events, "tool_call").len(), calls);
 }
 
 #[tokio::test]
@@ -214,6 +217,28 @@ async fn with_tools_optional_the_local_model_answers_or_calls_validly() {
         Some("succeeded") => assert!(ended["output"].is_string(), "{ended}"),
         _ => assert_eq!(ended["error"]["code"], "EXECUTION_ERROR", "{ended}"),
     }
+}
+
+#[tokio::test]
+async fn a_conversation_longer_than_the_local_context_fails_at_once_saying_so() {
+    let receiver = Receiver::start(vec![]).await;
+    let server = server_with_model(&receiver);
+    let key = server.org("acme").api_key;
+    let agent = server.agent(&key, json!({"name": "a"})).await;
+
+    let long = "The quick brown fox jumps over the lazy dog. ".repeat(250);
+    let path = format!("/v1/agents/{agent}/interact");
+    let started = std::time::Instant::now();
+    let (status, answer) = server.post(&path, &key, json!({"message": long})).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["status"], "failed", "{answer}");
+    assert_eq!(answer["error"]["code"], "MODEL_ERROR", "{answer}");
+    let message = answer["error"]["message"].as_str().unwrap();
+    assert!(message.contains("fewer than 2048"), "{message}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "not tried again"
+    );
 }
 
 #[tokio::test]

@@ -95,8 +95,9 @@ fn request_body(request: &ChatRequest<'_>) -> Value {
             })
             .collect();
         body["tools"] = json!(specs);
-        if agent.tool_choice != ToolChoice::Auto {
-            body["tool_choice"] = json!(agent.tool_choice.as_str());
+        let choice = agent.tool_choice_at(request.step);
+        if choice != ToolChoice::Auto {
+            body["tool_choice"] = json!(choice.as_str());
         }
     }
     if let Some(temperature) = agent.temperature {

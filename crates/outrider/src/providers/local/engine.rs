@@ -16,7 +16,7 @@
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
-use candle_transformers::models::quantized_llama::{self, ModelWeights};
+use candle_transformers::models::quantized_llama::ModelWeights;
 use llguidance::api::TopLevelGrammar;
 use llguidance::{Matcher, ParserFactory};
 use std::path::Path;
@@ -31,13 +31,21 @@ use super::chat::Template;
 const MAX_ACTIVE: usize = 4;
 /// Jobs waiting beyond those; a caller finding the queue full waits.
 const QUEUE: usize = 32;
-/// Prompt tokens fed at once when a prompt starts from nothing.
-const FIRST_CHUNK: usize = 256;
+/// Prompt tokens fed at once when a prompt starts from nothing. Beyond
+/// this, attention's scratch space (heads × chunk² floats per layer) grows
+/// faster than feeding the rest one token at a time costs.
+const FIRST_CHUNK: usize = 512;
+/// The most tokens a conversation may hold, prompt and reply together,
+/// whatever the model file allows. candle copies a job's attention state
+/// for every token fed after the first chunk, so the cost of a token grows
+/// with its position: on two cores a 2,000-token prompt takes about a
+/// minute before the first token, and its state some 200 MB.
+const MAX_CONTEXT: usize = 2048;
 /// Prompt tokens fed one by one in a job's turn once it has a start.
 const TOKENS_PER_TURN: usize = 8;
 /// Prompt tokens whose attention state the prefix cache keeps, in all
 /// (about 46 KiB each for the default model).
-const CACHE_TOKENS: usize = 2048;
+const CACHE_TOKENS: usize = 1024;
 const REPEAT_PENALTY: f32 = 1.1;
 const REPEAT_WINDOW: usize = 64;
 
@@ -182,8 +190,8 @@ impl Loaded {
         let eos = gguf.end_tokens(&tokenizer);
         let context = meta("llama.context_length")
             .and_then(|v| v.to_u32().ok())
-            .map_or(quantized_llama::MAX_SEQ_LEN, |n| n as usize)
-            .min(quantized_llama::MAX_SEQ_LEN);
+            .map_or(MAX_CONTEXT, |n| n as usize)
+            .min(MAX_CONTEXT);
         let vocab = gguf.vocab_size().map_err(|e| unreadable(&e))?;
 
         let factory = grammar_factory(&tokenizer, &eos, vocab)?;
@@ -392,7 +400,7 @@ impl Scheduler {
         let Submitted { job, at, reply } = submitted;
         if job.prompt.is_empty() || job.prompt.len() >= self.context {
             let message = format!(
-                "the conversation is {} tokens; the local model holds {}",
+                "the conversation is {} tokens; the local model takes fewer than {}",
                 job.prompt.len(),
                 self.context
             );

@@ -171,20 +171,26 @@ impl Provider for Local {
         })?;
         let engine = self.engine(spec).await?;
 
-        let tools = chat::callable_tools(&agent.tools, agent.tool_choice);
+        let choice = agent.tool_choice_at(request.step);
+        let tools = chat::callable_tools(&agent.tools, choice);
         let (prompt, checkpoints) = build_prompt(&engine, request.messages, &tools)?;
         let job = Job {
             prompt,
             checkpoints,
-            grammar: chat::grammar(&tools, agent.tool_choice),
+            grammar: chat::grammar(&tools, choice),
             temperature: agent.temperature.unwrap_or(DEFAULT_TEMPERATURE),
             max_tokens: agent.max_tokens.map_or(DEFAULT_MAX_TOKENS, |n| n as usize),
         };
+        let prompt_tokens = job.prompt.len();
         let generation = tokio::time::timeout(self.timeout, engine.generate(job))
             .await
             .map_err(|_| {
+                // The same prompt would take as long again: not worth a retry.
                 let secs = self.timeout.as_secs();
-                ProviderError::retryable(format!("the local model did not answer within {secs} s"))
+                ProviderError::fatal(format!(
+                    "the local model did not answer within {secs} s (--model-timeout); \
+                     the prompt was {prompt_tokens} tokens, and long prompts are slow on a CPU"
+                ))
             })?
             .map_err(ProviderError::fatal)?;
 
