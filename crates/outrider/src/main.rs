@@ -15,9 +15,17 @@ async fn main() -> std::process::ExitCode {
     let cli = outrider::cli::Cli::parse();
     match cli.run().await {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // Whoever read the output stopped reading: nothing more to say.
+        Err(error) if is_broken_pipe(&error) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error
+        .downcast_ref::<std::io::Error>()
+        .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
 }

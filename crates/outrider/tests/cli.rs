@@ -128,6 +128,61 @@ fn org_create_json_prints_exactly_org_id_api_key_and_signing_secret() {
 }
 
 #[test]
+fn the_database_is_created_readable_by_its_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("temp dir");
+    assert!(org_create(dir.path(), "acme").status.success());
+    for file in ["x.db", "x.db-wal"] {
+        let path = dir.path().join(file);
+        if file == "x.db" || path.exists() {
+            let mode = std::fs::metadata(&path).expect(file).permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{file}");
+        }
+    }
+}
+
+#[test]
+fn commands_on_an_existing_database_refuse_a_missing_one() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = database_url(dir.path());
+    let commands: [&[&str]; 4] = [
+        &["callbacks", "list"],
+        &["callbacks", "show", "x"],
+        &["org", "rotate-secret", "x"],
+        &["org", "set", "x", "--standard-webhooks", "on"],
+    ];
+    for command in commands {
+        let output = outrider()
+            .args(command)
+            .args(["--database-url", &url])
+            .output()
+            .expect("run outrider");
+        assert!(!output.status.success(), "{command:?}: {output:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("there is no database at"), "{stderr}");
+        assert!(!dir.path().join("x.db").exists(), "{command:?} made one");
+    }
+}
+
+#[test]
+fn output_into_a_pipe_closed_early_ends_quietly() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // `true` exits before outrider writes, so the write meets a closed pipe.
+    let script = format!(
+        "set -o pipefail; {} model list --models-dir {} | true",
+        binary(),
+        dir.path().display()
+    );
+    let output = Command::new("bash")
+        .args(["-c", &script])
+        .output()
+        .expect("run bash");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(output.status.success(), "{output:?}");
+}
+
+#[test]
 fn org_create_refuses_a_blank_name() {
     let dir = tempfile::tempdir().expect("temp dir");
     let output = org_create(dir.path(), "  ");

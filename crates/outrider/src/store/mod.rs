@@ -23,6 +23,8 @@ pub enum StoreError {
     LeaseLost,
     #[error("unsupported database url: {0}")]
     UnsupportedUrl(String),
+    #[error("there is no database at {}", .0.display())]
+    Missing(std::path::PathBuf),
     #[error(transparent)]
     Database(#[from] sqlx::Error),
     #[error(transparent)]
@@ -44,6 +46,16 @@ pub async fn open(url: &str) -> Result<DynStore> {
         Ok(Arc::new(SqliteStore::open(url).await?))
     } else {
         Err(StoreError::UnsupportedUrl(url.to_owned()))
+    }
+}
+
+/// Like [`open`], for a database that must exist already: commands that
+/// read or change what is there should not make a new, empty one of a
+/// mistyped path.
+pub async fn open_existing(url: &str) -> Result<DynStore> {
+    match database_file(url) {
+        Some(file) if !file.exists() => Err(StoreError::Missing(file)),
+        _ => open(url).await,
     }
 }
 

@@ -48,6 +48,9 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Opens (creating if missing) the database at `url` and migrates it.
     pub async fn open(url: &str) -> Result<Self> {
+        if let Some(file) = super::database_file(url) {
+            create_private(&file)?;
+        }
         let options = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -82,6 +85,22 @@ impl SqliteStore {
             .await
             .map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+/// Creates an empty database file readable and writable by its owner only,
+/// unless it exists. It holds signing secrets (in the clear without an
+/// encryption key); SQLite gives the WAL and shared-memory files beside it
+/// the same permissions.
+fn create_private(file: &std::path::Path) -> Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(file) {
+        Ok(_) => Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(error) => Err(StoreError::Database(sqlx::Error::Io(error))),
     }
 }
 
