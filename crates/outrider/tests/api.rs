@@ -308,6 +308,30 @@ async fn an_agent_without_a_provider_runs_locally_unless_its_model_is_another() 
 }
 
 #[tokio::test]
+async fn an_agent_read_can_be_written_back_as_it_is() {
+    let server = Server::start(&[]);
+    let key = server.org("acme").api_key;
+    let id = server.echo_agent(&key, "hi").await;
+    let path = format!("/v1/agents/{id}");
+    let (_, read) = server.get(&path, &key).await;
+
+    let (status, written) = server
+        .call(Method::PUT, &path, Some(&key), Some(read.clone()))
+        .await;
+    assert_eq!(status, 200, "{written}");
+    assert_eq!(written["script"], read["script"]);
+
+    let mut other = read.clone();
+    other["id"] = json!("01937000-0000-7000-8000-000000000000");
+    let (status, body) = server
+        .call(Method::PUT, &path, Some(&key), Some(other))
+        .await;
+    assert_field_error(status, &body, "id");
+    let (status, body) = server.post("/v1/agents", &key, read).await;
+    assert_field_error(status, &body, "id");
+}
+
+#[tokio::test]
 async fn invalid_replacements_answer_400_and_leave_the_agent_unchanged() {
     let server = Server::start(&[]);
     let key = server.org("acme").api_key;
@@ -391,6 +415,11 @@ async fn a_bad_agent_list_limit_answers_400_naming_limit() {
     }
     let (status, _) = server.get("/v1/agents?limit=1000", &key).await;
     assert_eq!(status, 200);
+    // A cursor that no page gave is refused, not answered with an empty page.
+    for path in ["/v1/agents?after=garbage", "/v1/callbacks?after=zzz"] {
+        let (status, body) = server.get(path, &key).await;
+        assert_field_error(status, &body, "after");
+    }
 }
 
 #[tokio::test]
@@ -490,6 +519,10 @@ async fn malformed_messages_answer_400_naming_the_field() {
             "messages[0].role",
         ),
         (json!({"messages": "hi"}), "messages"),
+        (
+            json!({"messages": [{"role": "system", "content": "be brief"}]}),
+            "messages",
+        ),
         (json!({"message": 42}), "message"),
         (json!({"message": "hi", "callback_url": 7}), "callback_url"),
         (
@@ -645,12 +678,15 @@ async fn malformed_json_answers_400_invalid_json() {
     let server = Server::start(&[]);
     let key = server.org("acme").api_key;
     let agent = server.echo_agent(&key, "x").await;
-    let bodies: [&[u8]; 5] = [
+    let bodies: [&[u8]; 7] = [
         b"{\"message\": ",
         b"{message: 'hi'}",
         b"not json",
         b"[\"hi\"]",
         b"\"hi\"",
+        // A list would otherwise fill an object's fields in order.
+        b"[\"hi\", null, null, null]",
+        b" []",
     ];
     for bytes in bodies {
         let answer = post_raw(&server, &interact_path(&agent), &key, bytes.to_vec()).await;
@@ -661,6 +697,8 @@ async fn malformed_json_answers_400_invalid_json() {
             json!("invalid_json"),
             "{text}"
         );
+        let message = answer.body["error"]["message"].as_str().unwrap();
+        assert!(!message.contains("struct"), "{text}: {message}");
     }
     let answer = post_raw(&server, "/v1/agents", &key, b"{\"name\": }".to_vec()).await;
     assert_eq!(answer.status, 400);
@@ -950,6 +988,9 @@ async fn an_unusable_idempotency_key_answers_400() {
         let answer = post_with(&server, &interact_path(&agent), &key, &headers, &request).await;
         assert_field_error(answer.status, &answer.body, "Idempotency-Key");
     }
+    let twice = [("Idempotency-Key", "k1"), ("Idempotency-Key", "k2")];
+    let answer = post_with(&server, &interact_path(&agent), &key, &twice, &request).await;
+    assert_field_error(answer.status, &answer.body, "Idempotency-Key");
     let at_limit = "k".repeat(255);
     let headers = [("Idempotency-Key", at_limit.as_str())];
     let answer = post_with(&server, &interact_path(&agent), &key, &headers, &request).await;
@@ -1069,6 +1110,10 @@ async fn bad_after_or_limit_on_events_answers_400_naming_the_field() {
         let (status, body) = server.get(&format!("{base}?{query}"), &key).await;
         assert_eq!(status, 200, "{query}: {body}");
     }
+    let bearer = format!("Bearer {key}");
+    let resume = [("Last-Event-ID", "abc")];
+    let answer = send(&server, Method::GET, &base, Some(&bearer), &resume, None).await;
+    assert_field_error(answer.status, &answer.body, "Last-Event-ID");
 }
 
 #[tokio::test]

@@ -3,12 +3,15 @@
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::Json;
+use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 
 use super::auth::Org;
-use super::{page, page_limit, ApiError, ApiResult, AppState, Id, JsonBody, JsonResponse};
+use super::{
+    page, page_after, page_limit, ApiError, ApiResult, AppState, Id, JsonBody, JsonResponse,
+};
 use crate::domain::{
     new_id, now_ms, rfc3339, Agent, AgentSpec, ModelProvider, ScriptedReply, ToolChoice,
 };
@@ -41,19 +44,34 @@ pub struct AgentRequest {
     tool_choice: Option<ToolChoice>,
     #[serde(default)]
     script: Vec<ScriptedReply>,
+    /// Read-only fields of an agent as it is shown, taken so that an agent
+    /// read can be written back as it is; `id` must be the agent's own.
+    id: Option<String>,
+    #[serde(rename = "created_at")]
+    _created_at: Option<IgnoredAny>,
+    #[serde(rename = "updated_at")]
+    _updated_at: Option<IgnoredAny>,
 }
 
 /// A tool named by a string or by an object with a `name`.
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "a tool's name, or an object with its \"name\"")]
 enum ToolRef {
     Name(String),
     Object { name: String },
 }
 
 impl AgentRequest {
-    /// Checks every field and fills in defaults.
-    fn into_spec(self) -> ApiResult<AgentSpec> {
+    /// Checks every field and fills in defaults; `id` is the agent's id
+    /// when it is replaced, `None` when it is created.
+    fn into_spec(self, id: Option<&str>) -> ApiResult<AgentSpec> {
+        if let Some(given) = &self.id {
+            match id {
+                Some(id) if id == given => {}
+                Some(_) => return Err(ApiError::field("id", "differs from the agent's id")),
+                None => return Err(ApiError::field("id", "is given by the server")),
+            }
+        }
         let name = self.name.unwrap_or_else(|| "agent".to_owned());
         check_length("name", &name, 1, MAX_NAME_CHARS)?;
         if let Some(system) = &self.system {
@@ -216,7 +234,7 @@ pub async fn create(
     org: Org,
     JsonBody(request): JsonBody<AgentRequest>,
 ) -> ApiResult<JsonResponse> {
-    let spec = request.into_spec()?;
+    let spec = request.into_spec(None)?;
     let now = now_ms();
     let agent = Agent {
         id: new_id(),
@@ -236,7 +254,7 @@ pub async fn list(
     Query(query): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
     let limit = page_limit(query.get("limit").map(String::as_str), 100, 1000)?;
-    let after = query.get("after").map(String::as_str);
+    let after = page_after(query.get("after").map(String::as_str))?;
     let rows = state.store.agents(&org.id, after, limit + 1).await?;
     let (agents, next_cursor) = page(rows, limit, |a| a.id.clone(), agent_json);
     Ok(Json(
@@ -262,7 +280,7 @@ pub async fn replace(
 ) -> ApiResult<Json<Value>> {
     let existing = state.store.agent(&org.id, &agent_id).await?;
     let mut agent = existing.ok_or(ApiError::NotFound("agent"))?;
-    agent.spec = request.into_spec()?;
+    agent.spec = request.into_spec(Some(&agent_id))?;
     agent.updated_at = now_ms();
     if !state.store.update_agent(&agent).await? {
         return Err(ApiError::NotFound("agent"));

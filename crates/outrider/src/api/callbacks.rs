@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 
 use super::auth::{generate_signing_secret, Org};
-use super::{page, page_limit, ApiError, ApiResult, AppState, Id, JsonResponse};
+use super::{page, page_after, page_limit, ApiError, ApiResult, AppState, Id, JsonResponse};
 use crate::domain::{now_ms, rfc3339};
 use crate::store::{AttemptState, DeliveryState, Redelivery};
 
@@ -74,7 +74,7 @@ pub async fn list(
         let message = format!("{status:?} is not one of pending, succeeded, failed");
         return Err(ApiError::field("status", message));
     }
-    let after = query.get("after").map(String::as_str);
+    let after = page_after(query.get("after").map(String::as_str))?;
 
     let org_id = Some(org.id.as_str());
     let rows = state

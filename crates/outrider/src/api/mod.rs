@@ -139,6 +139,12 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
         if bytes.is_empty() {
             return Err(ApiError::InvalidJson("the body is empty".into()));
         }
+        // serde would take a list for an object's fields in order.
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(ApiError::InvalidJson(
+                "the body must be a JSON object".into(),
+            ));
+        }
         let mut json = serde_json::Deserializer::from_slice(&bytes);
         let value: T = serde_path_to_error::deserialize(&mut json).map_err(|error| {
             let path = error.path().to_string();
@@ -206,6 +212,18 @@ pub fn page_limit(raw: Option<&str>, default: u32, max: u32) -> ApiResult<u32> {
             "limit",
             format!("must be an integer from 1 to {max}"),
         )),
+    }
+}
+
+/// Reads an `after` query value of the lists ordered by id: absent, or an
+/// id as `next_cursor` gives it.
+pub fn page_after(raw: Option<&str>) -> ApiResult<Option<&str>> {
+    match raw {
+        Some(raw) if uuid::Uuid::try_parse(raw).is_err() => Err(ApiError::field(
+            "after",
+            "must be a next_cursor from an earlier page",
+        )),
+        raw => Ok(raw),
     }
 }
 

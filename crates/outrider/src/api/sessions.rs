@@ -36,6 +36,7 @@ pub struct InteractRequest {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(expecting = "a message: an object with \"role\" and \"content\"")]
 struct RawMessage {
     role: Role,
     content: Content,
@@ -43,13 +44,17 @@ struct RawMessage {
 
 /// Message content: a string, or a list of text parts as chat APIs send it.
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "a string, or a list of {\"type\": \"text\", \"text\"} parts"
+)]
 enum Content {
     Text(String),
     Parts(Vec<TextPart>),
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(expecting = "a text part: {\"type\": \"text\", \"text\": ...}")]
 struct TextPart {
     #[serde(rename = "type")]
     kind: String,
@@ -136,6 +141,9 @@ fn parse_messages(list: Vec<RawMessage>) -> ApiResult<Vec<InputMessage>> {
         let message = format!("must hold at most {MAX_MESSAGES} messages");
         return Err(ApiError::field("messages", message));
     }
+    if !list.iter().any(|raw| raw.role == Role::User) {
+        return Err(ApiError::field("messages", "must hold a user message"));
+    }
     list.into_iter()
         .enumerate()
         .map(|(i, raw)| {
@@ -174,9 +182,13 @@ fn check_metadata(metadata: &Value) -> ApiResult<()> {
 }
 
 fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
-    let Some(value) = headers.get("idempotency-key") else {
+    let mut values = headers.get_all("idempotency-key").iter();
+    let Some(value) = values.next() else {
         return Ok(None);
     };
+    if values.next().is_some() {
+        return Err(ApiError::field("Idempotency-Key", "must be sent once"));
+    }
     let key = value.to_str().unwrap_or_default();
     let printable = key.bytes().all(|b| b.is_ascii_graphic() || b == b' ');
     if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_CHARS || !printable {
@@ -323,15 +335,21 @@ pub async fn events(
     Query(query): Query<HashMap<String, String>>,
 ) -> ApiResult<Response> {
     let limit = page_limit(query.get("limit").map(String::as_str), 100, 1000)?;
-    let resume = headers.get("last-event-id").and_then(|v| v.to_str().ok());
-    let after = match resume.or(query.get("after").map(String::as_str)) {
+    let resume = headers
+        .get("last-event-id")
+        .map(|v| v.to_str().unwrap_or("?"));
+    let (field, raw) = match resume {
+        Some(raw) => ("Last-Event-ID", Some(raw)),
+        None => ("after", query.get("after").map(String::as_str)),
+    };
+    let after = match raw {
         None => 0,
         Some(raw) => raw
             .trim()
             .parse::<i64>()
             .ok()
             .filter(|after| *after >= 0)
-            .ok_or_else(|| ApiError::field("after", "must be a non-negative integer"))?,
+            .ok_or_else(|| ApiError::field(field, "must be a non-negative integer"))?,
     };
     if state.store.session(&org.id, &session_id).await?.is_none() {
         return Err(ApiError::NotFound("session"));
