@@ -52,7 +52,11 @@ pub async fn first_start(
     if !store.create_first_org(org, &agent).await? {
         return Ok(None);
     }
-    tracing::info!(org.id = %org_id, agent.id = %agent.id, "first start: default organisation created");
+    tracing::info!(
+        org.id = %org_id,
+        agent.id = %agent.id,
+        "first start: default organisation created"
+    );
 
     let mut first = FirstStart {
         org_id,

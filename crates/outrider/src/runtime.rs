@@ -187,7 +187,12 @@ impl Runtime {
             match provider.complete(request).await {
                 Ok(completion) => return Ok(completion),
                 Err(error) if error.retryable && tries < MODEL_TRIES => {
-                    tracing::warn!(session.id = %session.id, step, error = %error, "model call failed; trying again");
+                    tracing::warn!(
+                        session.id = %session.id,
+                        step,
+                        error = %error,
+                        "model call failed; trying again"
+                    );
                     tokio::time::sleep(self.retry_pause * tries).await;
                 }
                 Err(error) => return Err(SessionError::new(error.code, error.message)),

@@ -158,25 +158,35 @@ async fn every_tool_call_the_local_model_makes_fits_the_tools_schema() {
         let ended = wait_ended(&server, &key, session).await;
 
         let events = events(&server, &key, session).await;
-        let steps = of_type(&events, "llm_call");
-        let first = steps[0]["data"]["message"]["tool_calls"].as_array();
+        let first = of_type(&events, "llm_call")[0]["data"]["message"]["tool_calls"].as_array();
         assert!(first.is_some_and(|calls| !calls.is_empty()), "{events:?}");
-        let mut calls = 0;
-        for step in &steps {
-            let made = step["data"]["message"]["tool_calls"].as_array();
-            for call in made.into_iter().flatten() {
-                let name = call["name"].as_str().expect("name");
-                assert_fits_schema(name, call["arguments"].as_str().expect("arguments"));
-                calls += 1;
-            }
+        assert_every_call_fits(&events);
+        assert_answered_or_out_of_steps(&ended);
+    }
+}
+
+/// Every call the model made fits its tool's schema and ran as a
+/// `tool_call`, none as a `tool_error`.
+fn assert_every_call_fits(events: &[Value]) {
+    let mut calls = 0;
+    for step in of_type(events, "llm_call") {
+        let made = step["data"]["message"]["tool_calls"].as_array();
+        for call in made.into_iter().flatten() {
+            let name = call["name"].as_str().expect("name");
+            assert_fits_schema(name, call["arguments"].as_str().expect("arguments"));
+            calls += 1;
         }
-        assert!(of_type(&events, "tool_error").is_empty(), "{events:?}");
-        assert_eq!(of_type(&events, "tool_call").len(), calls);
-        // It answered after its calls, or kept calling until out of steps.
-        match ended["status"].as_str() {
-            Some("succeeded") => assert!(ended["output"].is_string(), "{ended}"),
-            _ => assert_eq!(ended["error"]["code"], "EXECUTION_ERROR", "{ended}"),
-        }
+    }
+    assert!(of_type(events, "tool_error").is_empty(), "{events:?}");
+    assert_eq!(of_type(events, "tool_call").len(), calls);
+}
+
+/// A tool-using session either answered or kept calling until it ran out
+/// of steps; nothing else can end it.
+fn assert_answered_or_out_of_steps(ended: &Value) {
+    match ended["status"].as_str() {
+        Some("succeeded") => assert!(ended["output"].is_string(), "{ended}"),
+        _ => assert_eq!(ended["error"]["code"], "EXECUTION_ERROR", "{ended}"),
     }
 }
 
@@ -201,22 +211,8 @@ async fn with_tools_optional_the_local_model_answers_or_calls_validly() {
     let ended = wait_ended(&server, &key, session).await;
 
     let events = events(&server, &key, session).await;
-    for step in of_type(&events, "llm_call") {
-        let message = &step["data"]["message"];
-        for call in message["tool_calls"].as_array().into_iter().flatten() {
-            assert_fits_schema(
-                call["name"].as_str().unwrap(),
-                call["arguments"].as_str().unwrap(),
-            );
-        }
-    }
-    assert!(of_type(&events, "tool_error").is_empty(), "{events:?}");
-    // It either answered or kept calling until it ran out of steps; nothing
-    // else can end it.
-    match ended["status"].as_str() {
-        Some("succeeded") => assert!(ended["output"].is_string(), "{ended}"),
-        _ => assert_eq!(ended["error"]["code"], "EXECUTION_ERROR", "{ended}"),
-    }
+    assert_every_call_fits(&events);
+    assert_answered_or_out_of_steps(&ended);
 }
 
 #[tokio::test]
