@@ -122,16 +122,7 @@ async fn burst(args: &Args, binary: &Path, count: usize) -> anyhow::Result<()> {
     let bench = Bench::create(binary)?;
     let receiver = Receiver::healthy(bench.tls.clone()).await?;
     let pool = bench.pool().await?;
-    insert(
-        &pool,
-        &bench.org_id,
-        receiver.addr,
-        count,
-        now_ms() + 3_600_000,
-    )
-    .await?;
-    let due = now_ms() + args.lead.as_millis() as i64;
-    set_due(&pool, due).await?;
+    let due = fall_due(args, &pool, &bench.org_id, &[(receiver.addr, count)]).await?;
 
     let server = Server::start(binary, &bench, &args.serve_args)?;
     server.check_before(due);
@@ -168,24 +159,8 @@ async fn isolation(args: &Args, binary: &Path, count: usize) -> anyhow::Result<(
     let pool = bench.pool().await?;
     // The hanging receiver's rows go first: the dispatcher claims in
     // next_attempt_at order, ties by insertion.
-    insert(
-        &pool,
-        &bench.org_id,
-        hanging.addr,
-        count,
-        now_ms() + 3_600_000,
-    )
-    .await?;
-    insert(
-        &pool,
-        &bench.org_id,
-        healthy.addr,
-        count,
-        now_ms() + 3_600_000,
-    )
-    .await?;
-    let due = now_ms() + args.lead.as_millis() as i64;
-    set_due(&pool, due).await?;
+    let receivers = [(hanging.addr, count), (healthy.addr, count)];
+    let due = fall_due(args, &pool, &bench.org_id, &receivers).await?;
 
     let server = Server::start(binary, &bench, &args.serve_args)?;
     server.check_before(due);
@@ -384,6 +359,22 @@ fn callback_body(id: &str, session_id: &str, agent_id: &str, n: usize) -> Vec<u8
 }
 
 /// Makes every delivery fall due at `due`, with its deadline a day later.
+/// Writes `count` deliveries to each receiver, in order, then makes them
+/// all fall due `--lead` from now (writing takes a while); returns when.
+async fn fall_due(
+    args: &Args,
+    pool: &SqlitePool,
+    org_id: &str,
+    receivers: &[(SocketAddr, usize)],
+) -> anyhow::Result<i64> {
+    for &(addr, count) in receivers {
+        insert(pool, org_id, addr, count, now_ms() + 3_600_000).await?;
+    }
+    let due = now_ms() + args.lead.as_millis() as i64;
+    set_due(pool, due).await?;
+    Ok(due)
+}
+
 async fn set_due(pool: &SqlitePool, due: i64) -> anyhow::Result<()> {
     sqlx::query("UPDATE deliveries SET next_attempt_at = ?1, deadline_at = ?1 + ?2")
         .bind(due)

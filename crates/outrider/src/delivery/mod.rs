@@ -13,7 +13,7 @@ pub mod client;
 pub mod guard;
 pub mod policy;
 
-use std::collections::hash_map::{Entry, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{watch, Notify, Semaphore};
@@ -140,12 +140,11 @@ impl Dispatcher {
             let mut signings = HashMap::new();
             for delivery in claimed {
                 // Read once per organisation and claim, not per attempt.
-                let org = delivery.org_id.clone();
-                let signing = match signings.entry(org) {
-                    Entry::Occupied(known) => known.into_mut(),
-                    Entry::Vacant(new) => new.insert(self.signing(&delivery.org_id).await),
-                };
-                let Some(signing) = signing.clone() else {
+                if !signings.contains_key(&delivery.org_id) {
+                    let signing = self.signing(&delivery.org_id).await;
+                    signings.insert(delivery.org_id.clone(), signing);
+                }
+                let Some(signing) = signings[&delivery.org_id].clone() else {
                     // The lease lapses and the delivery is tried again later.
                     continue;
                 };

@@ -29,7 +29,7 @@ use rows::{
     session_from_row, to_json,
 };
 pub use writes::CLAIM_DELIVERIES_SQL;
-use writes::{Write, WriteRequest, Written, MAX_BATCH};
+use writes::{AttemptWrite, Write, WriteRequest, Written, MAX_BATCH};
 
 /// When the next pending delivery falls due (the dispatcher's look-ahead).
 pub const NEXT_DELIVERY_DUE_SQL: &str =
@@ -515,12 +515,12 @@ impl Store for SqliteStore {
     ) -> Result<()> {
         let (delivery_id, owner) = (delivery_id.to_owned(), owner.to_owned());
         match self
-            .write(Write::RecordAttempt {
+            .write(Write::RecordAttempt(AttemptWrite {
                 delivery_id,
                 owner,
                 attempt,
                 next,
-            })
+            }))
             .await?
         {
             Written::Done => Ok(()),

@@ -64,12 +64,16 @@ pub enum Write {
         destination: String,
         until: Millis,
     },
-    RecordAttempt {
-        delivery_id: String,
-        owner: String,
-        attempt: AttemptRecord,
-        next: NextStep,
-    },
+    RecordAttempt(AttemptWrite),
+}
+
+/// An attempt to record, with its delivery's next step.
+#[derive(Debug)]
+pub struct AttemptWrite {
+    pub delivery_id: String,
+    pub owner: String,
+    pub attempt: AttemptRecord,
+    pub next: NextStep,
 }
 
 /// What a write produced, once committed.
@@ -138,8 +142,8 @@ async fn apply_all_or_none(
     // and together: two statements for all of them.
     let mut attempts = Vec::new();
     for (write, _) in batch {
-        if let Write::RecordAttempt { .. } = write {
-            attempts.push(attempt_row(write));
+        if let Write::RecordAttempt(attempt) = write {
+            attempts.push(attempt.row());
             results.push(Ok(Written::Done));
             continue;
         }
@@ -243,7 +247,7 @@ async fn apply(tx: &mut SqliteConnection, write: &Write) -> Result<Written> {
             .await?;
             Ok(Written::Count(deferred.rows_affected()))
         }
-        Write::RecordAttempt { .. } => match record_attempts(tx, vec![attempt_row(write)]).await? {
+        Write::RecordAttempt(attempt) => match record_attempts(tx, vec![attempt.row()]).await? {
             0 => Err(StoreError::LeaseLost),
             _ => Ok(Written::Done),
         },
@@ -492,36 +496,29 @@ async fn claim_deliveries(
     rows.iter().map(delivery_from_row).collect()
 }
 
-/// A `RecordAttempt` as one element of the JSON array that
-/// [`record_attempts`] reads.
-fn attempt_row(write: &Write) -> Value {
-    let Write::RecordAttempt {
-        delivery_id,
-        owner,
-        attempt,
-        next,
-    } = write
-    else {
-        unreachable!("only attempt records are rows");
-    };
-    let (status, next_at, completed_at) = match next {
-        NextStep::Succeeded => ("succeeded", None, Some(now_ms())),
-        NextStep::Failed => ("failed", None, Some(now_ms())),
-        NextStep::RetryAt(at) => ("pending", Some(*at), None),
-    };
-    json!({
-        "id": delivery_id,
-        "owner": owner,
-        "status": status,
-        "next_at": next_at,
-        "completed_at": completed_at,
-        "started_at": attempt.started_at,
-        "duration_ms": attempt.duration_ms,
-        "status_code": attempt.status_code,
-        "error_kind": attempt.error_kind,
-        "error_message": attempt.error_message,
-        "last_error": attempt.error_message.as_ref().or(attempt.error_kind.as_ref()),
-    })
+impl AttemptWrite {
+    /// One element of the JSON array that [`record_attempts`] reads.
+    fn row(&self) -> Value {
+        let (status, next_at, completed_at) = match self.next {
+            NextStep::Succeeded => ("succeeded", None, Some(now_ms())),
+            NextStep::Failed => ("failed", None, Some(now_ms())),
+            NextStep::RetryAt(at) => ("pending", Some(at), None),
+        };
+        let attempt = &self.attempt;
+        json!({
+            "id": self.delivery_id,
+            "owner": self.owner,
+            "status": status,
+            "next_at": next_at,
+            "completed_at": completed_at,
+            "started_at": attempt.started_at,
+            "duration_ms": attempt.duration_ms,
+            "status_code": attempt.status_code,
+            "error_kind": attempt.error_kind,
+            "error_message": attempt.error_message,
+            "last_error": attempt.error_message.as_ref().or(attempt.error_kind.as_ref()),
+        })
+    }
 }
 
 /// Records attempts, each as the next attempt of its delivery, and moves
