@@ -148,7 +148,8 @@ impl Dispatcher {
                     // The lease lapses and the delivery is tried again later.
                     continue;
                 };
-                match self.breakers.admit(&delivery.destination, now_ms()) {
+                let admission = self.breakers.admit(&delivery.destination, now_ms());
+                match admission {
                     Admission::Go | Admission::Probe => {}
                     Admission::Busy => {
                         over_limit.push(delivery.id);
@@ -175,8 +176,11 @@ impl Dispatcher {
                 tokio::spawn(
                     async move {
                         let destination = delivery.destination.clone();
-                        let healthy = dispatcher.attempt(delivery, &signing, hold, &permits).await;
-                        dispatcher.after_attempt(&destination, healthy).await;
+                        let probe = admission == Admission::Probe;
+                        let sent = dispatcher.attempt(delivery, &signing, probe, hold, &permits);
+                        if let Some(until) = sent.await {
+                            dispatcher.defer_destination(&destination, until).await;
+                        }
                     }
                     .instrument(span),
                 );
@@ -227,12 +231,9 @@ impl Dispatcher {
         }
     }
 
-    /// Feeds an attempt's outcome to its destination's circuit, deferring
-    /// the destination's pending deliveries when the circuit opens.
-    async fn after_attempt(&self, destination: &str, healthy: Option<bool>) {
-        let Some(until) = self.breakers.record(destination, healthy, now_ms()) else {
-            return;
-        };
+    /// Defers a destination's pending deliveries to the end of the cool-down
+    /// of its circuit, which has just opened.
+    async fn defer_destination(&self, destination: &str, until: Millis) {
         match self.store.defer_destination(destination, until).await {
             Ok(deferred) => tracing::warn!(
                 destination,
@@ -287,8 +288,9 @@ impl Dispatcher {
         }
     }
 
-    /// One attempt, recorded with the delivery's next step. Returns whether
-    /// the receiver proved healthy (`None`: the attempt says nothing of it).
+    /// One attempt, recorded with the delivery's next step. Its outcome is
+    /// fed to the destination's circuit before the next delivery there may
+    /// start; returns the end of the cool-down if the circuit opened.
     ///
     /// The attempt waits for its destination's turn, then for one of the
     /// dispatcher's `permits` (a delivery waiting for its turn holds none,
@@ -296,20 +298,42 @@ impl Dispatcher {
     /// back, and the dispatcher woken to claim more, as soon as the receiver
     /// has answered: they bound requests to receivers, not the commits that
     /// record them.
+    ///
+    /// The destination's circuit may have opened while this delivery waited
+    /// for its turn; it is then handed back, deferred, without an attempt.
     async fn attempt(
         &self,
         delivery: Delivery,
         signing: &Signing,
+        probe: bool,
         hold: Hold,
         permits: &Semaphore,
-    ) -> Option<bool> {
+    ) -> Option<Millis> {
         let turn = hold.turn().await;
+        if !probe {
+            let not_before = match self.breakers.admit(&delivery.destination, now_ms()) {
+                // `Probe`: the cool-down ended while it waited.
+                Admission::Go | Admission::Probe => None,
+                Admission::Busy => Some(None),
+                Admission::Wait(until) => Some(Some(until)),
+            };
+            if let Some(not_before) = not_before {
+                drop(turn);
+                drop(hold);
+                self.release(vec![delivery.id], not_before).await;
+                self.ready.notify_one();
+                return None;
+            }
+        }
         let permit = permits.acquire().await.expect("never closed");
         let started_at = now_ms();
         let result = self
             .client
             .send(&delivery.url, &delivery.id, &delivery.body, signing)
             .await;
+        let opened = self
+            .breakers
+            .record(&delivery.destination, health(&result), now_ms());
         drop((permit, turn));
         drop(hold);
         self.ready.notify_one();
@@ -318,7 +342,6 @@ impl Dispatcher {
         // A redelivery starts the schedule again.
         let in_round = attempts - delivery.round_start;
         let verdict = verdict(&result);
-        let healthy = health(&result);
         let next = self
             .policy
             .next_step(in_round, verdict, now_ms(), delivery.deadline_at);
@@ -338,7 +361,7 @@ impl Dispatcher {
         {
             tracing::error!(error = %error, "recording the attempt failed");
         }
-        healthy
+        opened
     }
 }
 
