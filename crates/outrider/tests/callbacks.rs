@@ -459,17 +459,18 @@ async fn attempts_of(server: &Server, key: &str, session: &str) -> Vec<Value> {
 }
 
 #[tokio::test]
-async fn a_503s_retry_after_is_honoured_and_garbage_in_it_ignored() {
+async fn a_503s_retry_after_lengthens_the_wait_and_garbage_in_it_is_ignored() {
     let later = Reply::WithHeaders(503, vec![("retry-after", "3".to_owned())]);
     let garbage = Reply::WithHeaders(503, vec![("retry-after", "soon-ish".to_owned())]);
-    let receiver = Receiver::start(vec![later, garbage]).await;
+    let now = Reply::WithHeaders(503, vec![("retry-after", "0".to_owned())]);
+    let receiver = Receiver::start(vec![later, garbage, now]).await;
     let server = server_for(&receiver, &[]);
     let org = server.org("acme");
     let agent = server.echo_agent(&org.api_key, "done").await;
     let request = json!({"message": "go", "callback_url": receiver.url("/hook")});
     let session = interact(&server, &org.api_key, &agent, request).await;
 
-    let requests = receiver.wait_for(3, WAIT).await;
+    let requests = receiver.wait_for(4, WAIT).await;
     let gap = |i: usize| {
         requests[i + 1]
             .at
@@ -479,6 +480,8 @@ async fn a_503s_retry_after_is_honoured_and_garbage_in_it_ignored() {
     assert!(gap(0) >= Duration::from_millis(2900), "waited {:?}", gap(0));
     // The schedule (1 s, ±20 %) applies when Retry-After makes no sense.
     assert!(gap(1) < Duration::from_millis(2500), "waited {:?}", gap(1));
+    // `Retry-After: 0` does not shorten the schedule's wait.
+    assert!(gap(2) >= Duration::from_millis(750), "waited {:?}", gap(2));
     server
         .wait_session(&org.api_key, &session, WAIT, |s| {
             s["callback"]["status"] == "succeeded"

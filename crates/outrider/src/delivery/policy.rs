@@ -71,7 +71,10 @@ impl RetryPolicy {
         if now >= deadline {
             return NextStep::Failed;
         }
-        let wait = after.unwrap_or_else(|| jittered(*wait));
+        // `Retry-After` can lengthen the wait, never shorten it: a receiver
+        // answering `Retry-After: 0` must not spend the schedule in a second.
+        let scheduled = jittered(*wait);
+        let wait = after.map_or(scheduled, |after| after.max(scheduled));
         let wait_ms = Millis::try_from(wait.as_millis()).unwrap_or(Millis::MAX);
         let at = now.saturating_add(wait_ms);
         NextStep::RetryAt(at.min(deadline))
@@ -146,12 +149,23 @@ mod tests {
     }
 
     #[test]
-    fn retry_after_replaces_the_scheduled_wait() {
+    fn retry_after_lengthens_the_scheduled_wait() {
         let verdict = Verdict::from_status(429, Some("42"));
         assert_eq!(
             policy().next_step(1, verdict, 0, 1_000_000),
             NextStep::RetryAt(42_000)
         );
+    }
+
+    #[test]
+    fn retry_after_never_shortens_the_scheduled_wait() {
+        for value in ["0", "1", "Thu, 01 Jan 1970 00:00:00 GMT"] {
+            let verdict = Verdict::from_status(503, Some(value));
+            let NextStep::RetryAt(at) = policy().next_step(1, verdict, 0, 1_000_000) else {
+                panic!("retried");
+            };
+            assert!((8_000..=12_000).contains(&at), "{value}: {at}");
+        }
     }
 
     #[test]
