@@ -165,6 +165,30 @@ async fn every_tool_call_the_local_model_makes_fits_the_tools_schema() {
     }
 }
 
+#[tokio::test]
+async fn a_required_call_cut_short_by_max_tokens_fails_and_is_not_an_answer() {
+    let receiver = Receiver::start(vec![]).await;
+    let server = server_with_model(&receiver);
+    let key = server.org("acme").api_key;
+    let path = |agent: &str| format!("/v1/agents/{agent}/interact");
+    for max_tokens in [1, 3] {
+        let agent = server
+            .agent(
+                &key,
+                json!({"name": "tools", "tools": ["add"], "tool_choice": "required",
+                       "max_steps": 2, "max_tokens": max_tokens}),
+            )
+            .await;
+        let message = json!({"message": "Add 2 and 3."});
+        let (status, answer) = server.post(&path(&agent), &key, message).await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["status"], "failed", "{answer}");
+        assert_eq!(answer["error"]["code"], "MODEL_ERROR", "{answer}");
+        let said = answer["error"]["message"].as_str().expect("message");
+        assert!(said.contains("middle of a tool call"), "{said}");
+    }
+}
+
 /// Every call the model made fits its tool's schema and ran as a
 /// `tool_call`, none as a `tool_error`.
 fn assert_every_call_fits(events: &[Value]) {

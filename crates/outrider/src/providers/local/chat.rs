@@ -178,16 +178,22 @@ pub struct Reply {
     pub tool_calls: Vec<ToolCall>,
 }
 
-/// Reads the model's text. `Err` means a tool call that did not finish,
-/// which only a reply cut short by `max_tokens` can hold.
-pub fn parse_reply(text: &str, step: u32) -> Result<Reply, String> {
+/// Reads the model's text, which `constrained` says the tool-call grammar
+/// shaped. `Err` means a tool call that did not finish, which only a reply
+/// cut short by `max_tokens` can hold.
+pub fn parse_reply(text: &str, step: u32, constrained: bool) -> Result<Reply, String> {
+    let unfinished = || "the reply ended in the middle of a tool call".to_owned();
     let Some(rest) = text.strip_prefix(CALL_OPEN) else {
+        // The grammar's plain answers never start with `<`: this is the
+        // start of a call's opening tag.
+        if constrained && text.starts_with('<') {
+            return Err(unfinished());
+        }
         return Ok(Reply {
             content: Some(text.trim_end().to_owned()),
             tool_calls: Vec::new(),
         });
     };
-    let unfinished = || "the reply ended in the middle of a tool call".to_owned();
     let body = rest
         .trim_end()
         .strip_suffix(CALL_CLOSE)
@@ -215,7 +221,7 @@ mod tests {
     #[test]
     fn calls_are_read_back_with_their_arguments_as_json_text() {
         let text = r#"<tool_call>[{"name":"add","arguments":{"numbers":[2,3]}}]</tool_call>"#;
-        let reply = parse_reply(text, 2).unwrap();
+        let reply = parse_reply(text, 2, true).unwrap();
         assert_eq!(reply.content, None);
         assert_eq!(reply.tool_calls.len(), 1);
         assert_eq!(reply.tool_calls[0].id, "call_2_1");
@@ -225,7 +231,7 @@ mod tests {
 
     #[test]
     fn plain_text_is_the_answer() {
-        let reply = parse_reply("Paris.\n", 1).unwrap();
+        let reply = parse_reply("Paris.\n", 1, true).unwrap();
         assert_eq!(reply.content.as_deref(), Some("Paris."));
         assert!(reply.tool_calls.is_empty());
     }
@@ -233,11 +239,19 @@ mod tests {
     #[test]
     fn an_unfinished_call_is_an_error() {
         for text in [
+            "<",
+            "<tool_",
+            "<tool_call",
             "<tool_call>[{\"name\":\"add\"",
             "<tool_call>[{\"name\":\"add\"}]",
         ] {
-            assert!(parse_reply(text, 1).is_err(), "{text}");
+            assert!(parse_reply(text, 1, true).is_err(), "{text}");
         }
+        // Without tools the model may answer anything.
+        assert_eq!(
+            parse_reply("<b>", 1, false).unwrap().content.as_deref(),
+            Some("<b>")
+        );
     }
 
     #[test]
@@ -248,7 +262,7 @@ mod tests {
             arguments: r#"{"numbers":[1]}"#.into(),
         };
         let text = assistant_text(None, std::slice::from_ref(&call));
-        let reply = parse_reply(&text, 1).unwrap();
+        let reply = parse_reply(&text, 1, true).unwrap();
         assert_eq!(reply.tool_calls, vec![call]);
     }
 

@@ -174,10 +174,12 @@ impl Provider for Local {
         let choice = agent.tool_choice_at(request.step);
         let tools = chat::callable_tools(&agent.tools, choice);
         let (prompt, checkpoints) = build_prompt(&engine, request.messages, &tools)?;
+        let grammar = chat::grammar(&tools, choice);
+        let constrained = grammar.is_some();
         let job = Job {
             prompt,
             checkpoints,
-            grammar: chat::grammar(&tools, choice),
+            grammar,
             temperature: agent.temperature.unwrap_or(DEFAULT_TEMPERATURE),
             max_tokens: agent.max_tokens.map_or(DEFAULT_MAX_TOKENS, |n| n as usize),
         };
@@ -194,11 +196,12 @@ impl Provider for Local {
             })?
             .map_err(ProviderError::fatal)?;
 
-        let reply = chat::parse_reply(&generation.text, request.step).map_err(|e| {
-            let budget = agent.max_tokens.map_or(DEFAULT_MAX_TOKENS, |n| n as usize);
-            // Sampling differs the next time, so the call is worth repeating.
-            ProviderError::retryable(format!("{e} (max_tokens is {budget})"))
-        })?;
+        let reply =
+            chat::parse_reply(&generation.text, request.step, constrained).map_err(|e| {
+                let budget = agent.max_tokens.map_or(DEFAULT_MAX_TOKENS, |n| n as usize);
+                // Sampling differs the next time, so the call is worth repeating.
+                ProviderError::retryable(format!("{e} (max_tokens is {budget})"))
+            })?;
         Ok(Completion {
             content: reply.content,
             tool_calls: reply.tool_calls,
