@@ -35,12 +35,15 @@ const Tolerance = 300
 // Verify returns nil if header signs body under secret at now (unix seconds,
 // usually time.Now().Unix()), else ErrMalformed, ErrExpired or ErrMismatch.
 func Verify(secret string, header string, body []byte, now int64) error {
-	t, sigs := "", [][]byte{}
+	t, seen, sigs := "", false, [][]byte{}
 	for _, part := range strings.Split(header, ",") {
 		key, value, _ := strings.Cut(strings.TrimSpace(part), "=")
 		switch key {
 		case "t":
-			t = value
+			if seen {
+				return ErrMalformed
+			}
+			t, seen = value, true
 		case "sig":
 			sig, err := base64.StdEncoding.DecodeString(value)
 			if err != nil {

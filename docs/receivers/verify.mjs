@@ -13,7 +13,10 @@ export function verify(secret, header, body, now = Math.floor(Date.now() / 1000)
   for (const part of header.split(",")) {
     const [key, ...rest] = part.trim().split("=");
     const value = rest.join("=");
-    if (key === "t") t = value;
+    if (key === "t") {
+      if (t !== null) return "malformed";
+      t = value;
+    }
     if (key === "sig") {
       if (!/^[A-Za-z0-9+/]+={0,2}$/.test(value)) return "malformed";
       sigs.push(Buffer.from(value, "base64"));

@@ -17,6 +17,8 @@ def verify(secret, header, body, now=None, tolerance=300):
     for part in header.split(","):
         key, _, value = part.strip().partition("=")
         if key == "t":
+            if t is not None:
+                return "malformed"
             t = value
         elif key == "sig":
             try:
@@ -24,7 +26,8 @@ def verify(secret, header, body, now=None, tolerance=300):
             except (binascii.Error, ValueError):
                 return "malformed"
     # Whole seconds only: a 13-digit millisecond value is malformed.
-    if t is None or not t.isdigit() or len(t) > 10 or not sigs:
+    # ASCII digits only: str.isdigit() alone also takes "²" or "١".
+    if t is None or not (t.isascii() and t.isdigit()) or len(t) > 10 or not sigs:
         return "malformed"
     now = int(time.time()) if now is None else now
     if abs(now - int(t)) > tolerance:
