@@ -91,6 +91,9 @@ fn add(arguments: &Value) -> Result<Value, String> {
             .as_f64()
             .ok_or_else(|| format!("numbers[{i}]: a number is required"))?;
     }
+    if !sum.is_finite() {
+        return Err("numbers: the sum is too large for a 64-bit float".to_owned());
+    }
     Ok(json!({ "sum": sum }))
 }
 
@@ -120,7 +123,14 @@ mod tests {
     #[test]
     fn bad_arguments_are_errors_not_panics() {
         let tool = find("add").expect("add exists");
-        for arguments in ["{", "[1]", r#"{"numbers":"x"}"#, r#"{"numbers":["x"]}"#] {
+        for arguments in [
+            "{",
+            "[1]",
+            r#"{"numbers":"x"}"#,
+            r#"{"numbers":["x"]}"#,
+            r#"{"numbers":[1e308,1e308]}"#,
+            r#"{"numbers":[-1e308,-1e308]}"#,
+        ] {
             assert!(run(tool, arguments).is_err(), "{arguments}");
         }
     }
