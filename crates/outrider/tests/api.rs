@@ -233,6 +233,28 @@ async fn max_turns_is_accepted_as_another_name_for_max_steps() {
         .post("/v1/agents", &key, json!({"name": "d", "max_turns": 101}))
         .await;
     assert_field_error(status, &body, "max_steps");
+
+    // An agent as read, with one of the two names changed, is changed by it.
+    let (_, read) = server.post("/v1/agents", &key, json!({"name": "e"})).await;
+    let path = format!("/v1/agents/{}", read["id"].as_str().expect("id"));
+    for (name, value) in [("max_turns", 4), ("max_steps", 6)] {
+        let (_, mut agent) = server.get(&path, &key).await;
+        agent[name] = json!(value);
+        let (status, body) = server
+            .call(Method::PUT, &path, Some(&key), Some(agent))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["max_steps"], json!(value), "{name}");
+        assert_eq!(body["max_turns"], json!(value), "{name}");
+    }
+    // Both changed, to different values: which one is meant is unclear.
+    let (_, mut agent) = server.get(&path, &key).await;
+    agent["max_turns"] = json!(2);
+    agent["max_steps"] = json!(3);
+    let (status, body) = server
+        .call(Method::PUT, &path, Some(&key), Some(agent))
+        .await;
+    assert_field_error(status, &body, "max_steps");
 }
 
 #[tokio::test]
@@ -635,6 +657,29 @@ async fn metadata_of_exactly_16_kib_is_accepted_and_one_byte_more_is_not() {
     let request = json!({"message": "hi", "callback_url": HOOK, "metadata": over});
     let (status, body) = server.post(&path, &key, request).await;
     assert_field_error(status, &body, "metadata");
+}
+
+#[tokio::test]
+async fn a_callback_url_of_2048_characters_is_accepted_and_longer_ones_are_not() {
+    let server = Server::start(&["--workers", "0"]);
+    let key = server.org("acme").api_key;
+    let agent = server.echo_agent(&key, "x").await;
+    let path = interact_path(&agent);
+    let url = |path: String| format!("{HOOK}/{path}");
+
+    let at_limit = url("a".repeat(2048 - HOOK.len() - 1));
+    assert_eq!(at_limit.len(), 2048);
+    let request = json!({"message": "hi", "callback_url": at_limit});
+    let (status, body) = server.post(&path, &key, request).await;
+    assert_eq!(status, 202, "{body}");
+
+    // One character more; and 1,100 characters that percent-encode to
+    // more than 6,000.
+    for over in [url("a".repeat(2048 - HOOK.len())), url("é".repeat(1100))] {
+        let request = json!({"message": "hi", "callback_url": over});
+        let (status, body) = server.post(&path, &key, request).await;
+        assert_field_error(status, &body, "callback_url");
+    }
 }
 
 #[tokio::test]

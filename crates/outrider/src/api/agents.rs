@@ -62,12 +62,12 @@ enum ToolRef {
 }
 
 impl AgentRequest {
-    /// Checks every field and fills in defaults; `id` is the agent's id
-    /// when it is replaced, `None` when it is created.
-    fn into_spec(self, id: Option<&str>) -> ApiResult<AgentSpec> {
+    /// Checks every field and fills in defaults; `existing` is the agent
+    /// being replaced, `None` when one is created.
+    fn into_spec(self, existing: Option<&Agent>) -> ApiResult<AgentSpec> {
         if let Some(given) = &self.id {
-            match id {
-                Some(id) if id == given => {}
+            match existing {
+                Some(agent) if agent.id == *given => {}
                 Some(_) => return Err(ApiError::field("id", "differs from the agent's id")),
                 None => return Err(ApiError::field("id", "is given by the server")),
             }
@@ -91,8 +91,14 @@ impl AgentRequest {
         }
 
         let max_steps = match (self.max_steps, self.max_turns) {
+            // An agent as shown carries both; a client that knows only
+            // one of the names changes that one and sends both back.
             (Some(steps), Some(turns)) if steps != turns => {
-                return Err(ApiError::field("max_steps", "differs from max_turns"))
+                match existing.map(|agent| agent.spec.max_steps) {
+                    Some(current) if current == steps => turns,
+                    Some(current) if current == turns => steps,
+                    _ => return Err(ApiError::field("max_steps", "differs from max_turns")),
+                }
             }
             (steps, turns) => steps.or(turns).unwrap_or(DEFAULT_STEPS),
         };
@@ -280,7 +286,7 @@ pub async fn replace(
 ) -> ApiResult<Json<Value>> {
     let existing = state.store.agent(&org.id, &agent_id).await?;
     let mut agent = existing.ok_or(ApiError::NotFound("agent"))?;
-    agent.spec = request.into_spec(Some(&agent_id))?;
+    agent.spec = request.into_spec(Some(&agent))?;
     agent.updated_at = now_ms();
     if !state.store.update_agent(&agent).await? {
         return Err(ApiError::NotFound("agent"));

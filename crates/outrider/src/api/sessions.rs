@@ -96,7 +96,10 @@ impl InteractRequest {
                     "send either message or messages",
                 ))
             }
-            (None, None) => return Err(ApiError::field("message", "is required")),
+            (None, None) => {
+                let message = "is required: send message (a string) or messages (a list)";
+                return Err(ApiError::field("message", message));
+            }
             (Some(text), None) => {
                 check_content("message", &text)?;
                 vec![InputMessage {
@@ -158,15 +161,24 @@ fn parse_messages(list: Vec<RawMessage>) -> ApiResult<Vec<InputMessage>> {
         .collect()
 }
 
+/// The callback URL as it will be stored and requested. The length limit
+/// applies to that form, in which non-ASCII characters are percent-encoded.
 fn check_callback(state: &AppState, raw: &str) -> ApiResult<String> {
-    if raw.len() > MAX_CALLBACK_URL_CHARS {
-        let message = format!("must be at most {MAX_CALLBACK_URL_CHARS} characters");
-        return Err(ApiError::field("callback_url", message));
+    let too_long = |how: &str| {
+        let message = format!("must be at most {MAX_CALLBACK_URL_CHARS} characters{how}");
+        Err(ApiError::field("callback_url", message))
+    };
+    if raw.chars().count() > MAX_CALLBACK_URL_CHARS {
+        return too_long("");
     }
-    match state.guard.check_url(raw) {
-        Ok(url) => Ok(url.as_str().to_owned()),
-        Err(error) => Err(ApiError::field("callback_url", error.to_string())),
+    let url = match state.guard.check_url(raw) {
+        Ok(url) => url.as_str().to_owned(),
+        Err(error) => return Err(ApiError::field("callback_url", error.to_string())),
+    };
+    if url.len() > MAX_CALLBACK_URL_CHARS {
+        return too_long(" once percent-encoded");
     }
+    Ok(url)
 }
 
 fn check_metadata(metadata: &Value) -> ApiResult<()> {
