@@ -707,15 +707,17 @@ async fn a_hanging_receiver_does_not_delay_callbacks_to_others() {
     let org = server.org("acme");
     let agent = server.echo_agent(&org.api_key, "done").await;
 
+    let mut slow = Vec::new();
     for _ in 0..6 {
         let request = json!({"message": "go", "callback_url": hanging.url("/slow")});
-        interact(&server, &org.api_key, &agent, request).await;
+        slow.push(interact(&server, &org.api_key, &agent, request).await);
     }
     hanging.wait_for(2, WAIT).await;
     let started = std::time::Instant::now();
+    let mut fast = Vec::new();
     for _ in 0..3 {
         let request = json!({"message": "go", "callback_url": healthy.ip_url("/fast")});
-        interact(&server, &org.api_key, &agent, request).await;
+        fast.push(interact(&server, &org.api_key, &agent, request).await);
     }
 
     let arrived = healthy.wait_for(3, WAIT).await;
@@ -730,6 +732,34 @@ async fn a_hanging_receiver_does_not_delay_callbacks_to_others() {
         2,
         "at most two attempts in flight to one host"
     );
+
+    // Operators see which callbacks are claimed for an attempt, and until
+    // when; a delivered one is claimed no more.
+    let mut claimed = 0;
+    for session in &slow {
+        claimed += usize::from(
+            claimed_until(&server, &org.api_key, session)
+                .await
+                .is_some(),
+        );
+    }
+    assert!((2..=4).contains(&claimed), "{claimed} claimed");
+    for session in &fast {
+        server
+            .wait_session(&org.api_key, session, WAIT, |s| {
+                s["callback"]["status"] == "succeeded"
+            })
+            .await;
+        assert_eq!(claimed_until(&server, &org.api_key, session).await, None);
+    }
+}
+
+/// When the session's callback stops being claimed for an attempt, if it is.
+async fn claimed_until(server: &Server, key: &str, session: &str) -> Option<String> {
+    let path = format!("/v1/agent-sessions/{session}/callback");
+    let (status, body) = server.get(&path, key).await;
+    assert_eq!(status, 200, "{body}");
+    body["claimed_until"].as_str().map(str::to_owned)
 }
 
 #[tokio::test]

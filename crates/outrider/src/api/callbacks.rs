@@ -17,6 +17,11 @@ const STATUSES: [&str; 3] = ["pending", "succeeded", "failed"];
 
 /// A delivery's state, as every endpoint shows it.
 pub fn delivery_json(delivery: &DeliveryState) -> Value {
+    // Claimed for an attempt: were the claiming process to die, the next
+    // attempt would come when this passes, whatever `next_attempt_at` says.
+    let claimed_until = delivery
+        .lease_until
+        .filter(|until| delivery.status == "pending" && *until > now_ms());
     json!({
         "callback_event_id": delivery.id,
         "session_id": delivery.session_id,
@@ -24,6 +29,7 @@ pub fn delivery_json(delivery: &DeliveryState) -> Value {
         "status": delivery.status,
         "attempts": delivery.attempts,
         "next_attempt_at": delivery.next_attempt_at.map(rfc3339),
+        "claimed_until": claimed_until.map(rfc3339),
         "last_status_code": delivery.last_status_code,
         "last_error": delivery.last_error,
         "created_at": rfc3339(delivery.created_at),

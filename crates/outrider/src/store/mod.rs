@@ -226,6 +226,8 @@ pub struct DeliveryState {
     pub status: String,
     pub attempts: u32,
     pub next_attempt_at: Option<Millis>,
+    /// While an attempt is being made: when its claim lapses.
+    pub lease_until: Option<Millis>,
     pub last_status_code: Option<u16>,
     pub last_error: Option<String>,
     pub created_at: Millis,

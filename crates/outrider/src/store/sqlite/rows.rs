@@ -91,6 +91,7 @@ pub fn delivery_state_from_row(row: &SqliteRow) -> Result<DeliveryState> {
         status: row.try_get("status")?,
         attempts: row.try_get("attempts")?,
         next_attempt_at: row.try_get("next_attempt_at")?,
+        lease_until: row.try_get("lease_until")?,
         last_status_code: row.try_get("last_status_code")?,
         last_error: row.try_get("last_error")?,
         created_at: row.try_get("created_at")?,
