@@ -33,6 +33,18 @@ pub enum Admission {
     Busy,
 }
 
+impl Admission {
+    /// `None` if the attempt may start; otherwise when the delivery may be
+    /// tried again (`Some(None)`: as soon as it is claimed again).
+    pub fn held_back(self) -> Option<Option<Millis>> {
+        match self {
+            Admission::Go | Admission::Probe => None,
+            Admission::Busy => Some(None),
+            Admission::Wait(until) => Some(Some(until)),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Circuit {
     /// Failures in a row.

@@ -135,8 +135,9 @@ impl Dispatcher {
             let claimed = self.claim(free).await;
             let full = claimed.len() as u32 == free && free > 0;
 
-            let mut over_limit = Vec::new();
-            let mut deferred: HashMap<Millis, Vec<String>> = HashMap::new();
+            // Deliveries handed back unattempted, by when they may be tried
+            // again (`None`: at once).
+            let mut held_back: HashMap<Option<Millis>, Vec<String>> = HashMap::new();
             let mut signings = HashMap::new();
             for delivery in claimed {
                 // Read once per organisation and claim, not per attempt.
@@ -149,21 +150,16 @@ impl Dispatcher {
                     continue;
                 };
                 let admission = self.breakers.admit(&delivery.destination, now_ms());
-                match admission {
-                    Admission::Go | Admission::Probe => {}
-                    Admission::Busy => {
-                        over_limit.push(delivery.id);
-                        continue;
-                    }
-                    Admission::Wait(until) => {
-                        deferred.entry(until).or_default().push(delivery.id);
-                        continue;
-                    }
+                // A probe already out (busy) or a circuit open (wait).
+                if let Some(not_before) = admission.held_back() {
+                    held_back.entry(not_before).or_default().push(delivery.id);
+                    continue;
                 }
                 let Some(hold) = self.held.take(&delivery.destination, self.per_destination) else {
-                    // A probe that could not start frees its turn.
+                    // Past the destination's limit: handed back untouched. A
+                    // probe that could not start frees its turn.
                     self.breakers.record(&delivery.destination, None, now_ms());
-                    over_limit.push(delivery.id);
+                    held_back.entry(None).or_default().push(delivery.id);
                     continue;
                 };
                 let permits = permits.clone();
@@ -185,12 +181,8 @@ impl Dispatcher {
                     .instrument(span),
                 );
             }
-            // Claimed past a destination's limit (a circuit that began to
-            // probe meanwhile): handed back untouched.
-            self.release(over_limit, None).await;
-            // Claimed while their destination's circuit is open: deferred.
-            for (until, ids) in deferred {
-                self.release(ids, Some(until)).await;
+            for (not_before, ids) in held_back {
+                self.release(ids, not_before).await;
             }
             if !full {
                 self.idle(&permits, &mut shutdown).await;
@@ -311,13 +303,9 @@ impl Dispatcher {
     ) -> Option<Millis> {
         let turn = hold.turn().await;
         if !probe {
-            let not_before = match self.breakers.admit(&delivery.destination, now_ms()) {
-                // `Probe`: the cool-down ended while it waited.
-                Admission::Go | Admission::Probe => None,
-                Admission::Busy => Some(None),
-                Admission::Wait(until) => Some(Some(until)),
-            };
-            if let Some(not_before) = not_before {
+            // (A `Probe` now means the cool-down ended while it waited.)
+            let admission = self.breakers.admit(&delivery.destination, now_ms());
+            if let Some(not_before) = admission.held_back() {
                 drop(turn);
                 drop(hold);
                 self.release(vec![delivery.id], not_before).await;
